@@ -1,0 +1,160 @@
+"""The shared backbone of every medssl bundle: the VNet of the semi-supervised LA benchmark.
+
+Milletari, Navab and Ahmadi, "V-Net: Fully Convolutional Neural Networks for Volumetric Medical Image
+Segmentation", 3DV 2016 (https://arxiv.org/abs/1606.04797), in the reduced form used by the LA
+benchmark since Yu et al., "Uncertainty-aware Self-ensembling Model for Semi-supervised 3D Left
+Atrium Segmentation", MICCAI 2019: 16-32-64-128-256 filters, Conv3d 3x3x3 + norm + ReLU blocks of
+1, 2, 3, 3, 3 (encoder) and 3, 3, 2, 1 (decoder) convolutions, strided k2 s2 down and transposed k2 s2
+up convolutions, additive skips, Dropout3d at the bottleneck and after the last decoder stage.
+
+Every bundle builds the same class, so weights move between bundles by parameter name. The segmentation
+``forward`` returns one logits tensor (what MONAI tools and TorchScript expect); the semi- and
+self-supervised bundles reach the encoder features, the decoder features and the optional
+signed-distance head through :meth:`VNet.encode`, :meth:`VNet.decode` and :meth:`VNet.forward_heads`.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["VNet", "BACKBONE_PREFIXES"]
+
+ENCODER_CONVS = (1, 2, 3, 3, 3)
+DECODER_CONVS = (3, 3, 2, 1)
+
+# parameter-name prefixes of the backbone (everything except optional heads); pretrained weights are
+# exchanged between bundles on these names
+BACKBONE_PREFIXES = ("encoder.", "decoder.", "out_conv.")
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm3d(channels)
+    if kind == "instance":
+        return nn.InstanceNorm3d(channels)
+    if kind == "group":
+        return nn.GroupNorm(num_groups=min(16, channels), num_channels=channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"norm must be one of 'batch', 'instance', 'group', 'none'; got {kind!r}.")
+
+
+def _conv_stage(n_convs: int, in_channels: int, out_channels: int, norm: str) -> nn.Sequential:
+    layers: List[nn.Module] = []
+    for i in range(n_convs):
+        layers += [
+            nn.Conv3d(in_channels if i == 0 else out_channels, out_channels, kernel_size=3, padding=1),
+            _norm(norm, out_channels),
+            nn.ReLU(inplace=True),
+        ]
+    return nn.Sequential(*layers)
+
+
+def _resample(transposed: bool, in_channels: int, out_channels: int, norm: str) -> nn.Sequential:
+    conv = nn.ConvTranspose3d if transposed else nn.Conv3d
+    return nn.Sequential(conv(in_channels, out_channels, kernel_size=2, stride=2), _norm(norm, out_channels),
+                         nn.ReLU(inplace=True))
+
+
+class _DownStage(nn.Module):
+    """Strided k2 s2 convolution, then a conv stage."""
+
+    def __init__(self, n_convs: int, in_channels: int, out_channels: int, norm: str) -> None:
+        super().__init__()
+        self.down = _resample(False, in_channels, out_channels, norm)
+        self.convs = _conv_stage(n_convs, out_channels, out_channels, norm)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convs(self.down(x))
+
+
+class _UpStage(nn.Module):
+    """Transposed k2 s2 convolution, additive skip, then a conv stage."""
+
+    def __init__(self, n_convs: int, in_channels: int, out_channels: int, norm: str) -> None:
+        super().__init__()
+        self.up = _resample(True, in_channels, out_channels, norm)
+        self.convs = _conv_stage(n_convs, out_channels, out_channels, norm)
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        return self.convs(self.up(x) + skip)
+
+
+class VNet(nn.Module):
+    """The LA-benchmark VNet (see the module docstring for the papers).
+
+    With ``in_channels=1, out_channels=2, n_filters=16, norm="batch"`` it has 9,448,866 parameters, the
+    count of the reference implementation.
+
+    Args:
+        in_channels: input channels (1 for LGE-MRI).
+        out_channels: segmentation classes, background included.
+        n_filters: filters of the first stage; stage ``i`` has ``n_filters * 2**i``.
+        norm: ``"batch"`` (the benchmark's), ``"instance"``, ``"group"`` or ``"none"``.
+        dropout: Dropout3d probability at the bottleneck and before the output convolution
+            (0.5 in the benchmark); 0 disables it.
+        sdm_head: add a signed-distance-map head (1x1x1 conv + tanh on the last decoder features, one
+            channel per foreground class), as used by DTC and SimCVD.
+
+    Input: ``[B, in_channels, H, W, D]`` with H, W, D divisible by 16. ``forward`` returns logits
+    ``[B, out_channels, H, W, D]``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 2,
+        n_filters: int = 16,
+        norm: str = "batch",
+        dropout: float = 0.5,
+        sdm_head: bool = False,
+    ) -> None:
+        super().__init__()
+        widths = [n_filters * 2**i for i in range(len(ENCODER_CONVS))]
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.encoder = nn.ModuleList([_conv_stage(ENCODER_CONVS[0], in_channels, widths[0], norm)])
+        self.encoder.extend(
+            _DownStage(n, widths[i], widths[i + 1], norm) for i, n in enumerate(ENCODER_CONVS[1:])
+        )
+        self.decoder = nn.ModuleList(
+            _UpStage(n, widths[-1 - i], widths[-2 - i], norm) for i, n in enumerate(DECODER_CONVS)
+        )
+        self.dropout = nn.Dropout3d(p=dropout) if dropout > 0 else nn.Identity()
+        self.out_conv = nn.Conv3d(widths[0], out_channels, kernel_size=1)
+        self.sdm_conv: Optional[nn.Module] = nn.Conv3d(widths[0], out_channels - 1, kernel_size=1) if sdm_head else None
+
+    def encode(self, x: torch.Tensor) -> List[torch.Tensor]:
+        """Encoder features ``[x1, ..., x5]`` (full resolution to bottleneck); dropout applied to ``x5``."""
+        if x.ndim != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(f"VNet expects input [B, {self.in_channels}, H, W, D], got {list(x.shape)}.")
+        if x.shape[2] % 16 or x.shape[3] % 16 or x.shape[4] % 16:
+            raise ValueError(f"VNet input sides must be divisible by 16, got {list(x.shape[2:])}.")
+        features: List[torch.Tensor] = []
+        for stage in self.encoder:
+            x = stage(x)
+            features.append(x)
+        features[-1] = self.dropout(x)
+        return features
+
+    def decode(self, features: List[torch.Tensor]) -> torch.Tensor:
+        """Last decoder features ``[B, n_filters, H, W, D]`` (after dropout), the input of every head."""
+        x = features[-1]
+        for i, stage in enumerate(self.decoder):
+            x = stage(x, features[-2 - i])
+        return self.dropout(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out_conv(self.decode(self.encode(x)))
+
+    def forward_heads(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """One pass for the SSL bundles: ``{"logits", "features" (last decoder), "bottleneck"[, "sdm"]}``."""
+        features = self.encode(x)
+        decoded = self.decode(features)
+        out = {"logits": self.out_conv(decoded), "features": decoded, "bottleneck": features[-1]}
+        if self.sdm_conv is not None:
+            out["sdm"] = torch.tanh(self.sdm_conv(decoded))
+        return out

@@ -1,0 +1,37 @@
+"""Shared test fixtures.
+
+Real data is read from the team folder beside the checkout (``../shared``); set ``MEDSSL_SHARED_DIR``
+to point elsewhere. Tests that need it skip with the reason when it is truly absent.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DIR = Path(os.environ.get("MEDSSL_SHARED_DIR", REPO.parent / "shared")).resolve()
+LA_DIR = SHARED_DIR / "data" / "la"
+LA_H5_DIR = SHARED_DIR / "data" / "la_h5_samples"
+SCHEMA = SHARED_DIR / "schema" / "meta_schema_20240725.json"
+
+
+def _need(path: Path) -> Path:
+    if not path.exists():
+        pytest.skip(f"{path} not found: real LA data / schema live in ../shared (or set MEDSSL_SHARED_DIR)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def la_dir() -> Path:
+    return _need(LA_DIR / "dataset.json").parent
+
+
+@pytest.fixture(scope="session")
+def la_h5_dir() -> Path:
+    return _need(LA_H5_DIR)
+
+
+@pytest.fixture(scope="session")
+def schema_path() -> Path:
+    return _need(SCHEMA)
