@@ -1,3 +1,8 @@
-"""medssl: MONAI Bundles for label-efficient 3D medical image segmentation."""
+"""medssl: MONAI Bundles for label-efficient 3D medical image segmentation.
+
+Bundle configs reach the package as ``medssl.<module>.<name>`` after ``"$import medssl"``.
+"""
 
 __version__ = "0.1.0"
+
+from medssl import data, handlers, metrics, networks, transforms  # noqa: E402,F401  (bundle configs use these)

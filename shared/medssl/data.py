@@ -13,10 +13,11 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import nibabel as nib
 import numpy as np
+import torch
 
 __all__ = [
     "DataError",
@@ -24,7 +25,9 @@ __all__ = [
     "labeled_list",
     "unlabeled_list",
     "eval_list",
-    "check_case",
+    "image_list",
+    "check_headers",
+    "InfiniteSampler",
     "write_nifti",
     "write_json",
     "atomic_path",
@@ -59,6 +62,9 @@ class atomic_path:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(self.tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual permissions
             os.replace(self.tmp, self.path)
         else:
             self.tmp.unlink(missing_ok=True)
@@ -141,20 +147,33 @@ def _require_files(entries: Sequence[Dict[str, Any]], keys: Sequence[str], sourc
                 raise DataError(f"{entry[k]}: file not found ({source}[{i}][{k!r}]).")
 
 
-def labeled_list(dataset_dir: os.PathLike | str, num_labeled: Optional[int] = None) -> List[Dict[str, Any]]:
+def labeled_list(
+    dataset_dir: os.PathLike | str,
+    num_labeled: Optional[int] = None,
+    patch_size: Optional[Sequence[int]] = None,
+    pad_small_volumes: bool = False,
+) -> List[Dict[str, Any]]:
     """The first ``num_labeled`` ``"training"`` entries (all when None), each with an image and a label file.
 
+    The NIfTI headers are checked here (cheap; no voxels read): 3D volumes, label shape and affine equal to
+    the image's, and, with ``patch_size``, every side at least the patch side unless ``pad_small_volumes``.
+
     Raises:
-        DataError: bad datalist, ``num_labeled`` out of range, or a missing image/label file.
+        DataError: bad datalist, ``num_labeled`` out of range, a missing or unreadable file, or a bad header.
     """
     training = load_datalist(dataset_dir)["training"]
     source = f"{Path(dataset_dir) / DATASET_JSON}: training"
     n = len(training) if num_labeled is None else int(num_labeled)
     if not 1 <= n <= len(training):
-        raise DataError(f"num_labeled={num_labeled} is out of range: {source} has {len(training)} entries (need 1..).")
-    entries = training[:n]
+        raise DataError(
+            f"num_labeled={num_labeled} is out of range: {source} has {len(training)} entries; "
+            "a supervised run needs 1 to that many labeled cases."
+        )
+    entries = [{"image": e["image"], "label": e.get("label")} for e in training[:n]]
     _require_files(entries, ("image", "label"), source)
-    return [{"image": e["image"], "label": e["label"]} for e in entries]
+    for e in entries:
+        check_headers(e["image"], e["label"], None if pad_small_volumes else patch_size)
+    return entries
 
 
 def unlabeled_list(dataset_dir: os.PathLike | str, num_labeled: int) -> List[Dict[str, Any]]:
@@ -168,37 +187,73 @@ def unlabeled_list(dataset_dir: os.PathLike | str, num_labeled: int) -> List[Dic
     return entries
 
 
-def eval_list(dataset_dir: os.PathLike | str, key: str = "test", with_label: bool = True) -> List[Dict[str, Any]]:
+def eval_list(
+    dataset_dir: os.PathLike | str, key: str = "test", with_label: bool = True, required: bool = False
+) -> List[Dict[str, Any]]:
     """The ``key`` list (``"validation"`` or ``"test"``); empty when the datalist has no such key.
 
     Raises:
-        DataError: bad datalist, or a listed image/label file is missing.
+        DataError: bad datalist, a listed image/label file is missing, or ``required`` and the list is empty.
     """
     datalist = load_datalist(dataset_dir)
     entries = datalist.get(key, [])
+    source = f"{Path(dataset_dir) / DATASET_JSON}: {key}"
+    if required and not entries:
+        raise DataError(f"{source}: no entries; expected a non-empty {key!r} list to evaluate on.")
     keys = ("image", "label") if with_label else ("image",)
-    _require_files(entries, keys, f"{Path(dataset_dir) / DATASET_JSON}: {key}")
+    _require_files(entries, keys, source)
+    for e in entries:
+        check_headers(e["image"], e.get("label"))
     return [{k: e[k] for k in keys} for e in entries]
+
+
+def image_list(dataset_dir: os.PathLike | str, key: str = "test") -> List[str]:
+    """Images to segment: the ``key`` list of ``dataset_dir/dataset.json`` when there is one, else every
+    ``*.nii``/``*.nii.gz`` file in ``dataset_dir`` (or ``dataset_dir`` itself if it is one NIfTI file).
+
+    Raises:
+        DataError: nothing to segment, or a listed file is missing.
+    """
+    root = Path(dataset_dir).expanduser()
+    if root.is_file():
+        files = [str(root)]
+    elif (root / DATASET_JSON).is_file():
+        files = [e["image"] for e in eval_list(root, key, with_label=False, required=True)]
+    else:
+        files = sorted(str(p) for p in root.glob("*.nii*") if p.name.endswith((".nii", ".nii.gz")))
+    if not files:
+        raise DataError(f"{root}: no images found; expected a NIfTI file, a folder of *.nii.gz, or a dataset.json.")
+    for f in files:
+        check_headers(f)
+    return files
 
 
 # -- checking volumes --------------------------------------------------------------------------------------
 
 
-def check_case(image_path: os.PathLike | str, label_path: Optional[os.PathLike | str] = None,
-               classes: Sequence[int] = (0, 1), min_shape: Optional[Sequence[int]] = None) -> None:
-    """Check one case on disk before training on it; raises :class:`DataError` naming the file.
+def check_headers(
+    image_path: os.PathLike | str,
+    label_path: Optional[os.PathLike | str] = None,
+    min_shape: Optional[Sequence[int]] = None,
+) -> Tuple[int, ...]:
+    """Check a case's NIfTI headers (no voxels read) and return the image's spatial shape.
 
-    Checks: readable NIfTI, a 3D volume (or 4D with one channel), finite voxels; the label has the image's
-    shape and affine and holds only ``classes``.
+    Raises:
+        DataError: naming the file: not NIfTI / unreadable, not 3D (a 4D volume with one channel is accepted),
+            label shape or affine different from the image's, or a side smaller than ``min_shape``.
     """
-    image = _load_nifti(image_path)
+    image = _load_header(image_path)
     shape = _spatial_shape(image, image_path)
-    data = np.asanyarray(image.dataobj)
-    if not np.isfinite(data).all():
-        raise DataError(f"{image_path}: image holds NaN or Inf voxels; expected finite intensities.")
+    if min_shape is not None:
+        small = [(i, s, m) for i, (s, m) in enumerate(zip(shape, min_shape)) if s < int(m)]
+        if small:
+            raise DataError(
+                f"{image_path}: volume shape {shape} is smaller than patch_size {list(min_shape)} along axes "
+                f"{[i for i, _, _ in small]}; use a smaller --patch_size, or --pad_small_volumes true to zero-pad."
+            )
     if label_path is None:
-        return
-    label = _load_nifti(label_path)
+        return shape
+    label = _load_header(label_path)
     lshape = _spatial_shape(label, label_path)
     if lshape != shape:
         raise DataError(f"{label_path}: label shape {lshape} differs from image shape {shape} ({image_path}).")
@@ -207,22 +262,17 @@ def check_case(image_path: os.PathLike | str, label_path: Optional[os.PathLike |
             f"{label_path}: label affine differs from the image's ({image_path});\n"
             f"label:\n{np.round(label.affine, 4)}\nimage:\n{np.round(image.affine, 4)}"
         )
-    values = np.unique(np.asanyarray(label.dataobj))
-    bad = sorted(set(values.tolist()) - set(classes))
-    if bad:
-        raise DataError(f"{label_path}: label values {bad[:10]} outside the expected classes {list(classes)}.")
+    return shape
 
 
-def _load_nifti(path: os.PathLike | str) -> nib.Nifti1Image:
+def _load_header(path: os.PathLike | str) -> nib.Nifti1Image:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: file not found.")
     try:
-        img = nib.load(str(path))
-        img.get_fdata(dtype=np.float32)  # force a full read: catches truncated files
+        return nib.load(str(path))
     except Exception as e:  # nibabel raises several types for corrupt files
         raise DataError(f"{path}: not a readable NIfTI volume ({type(e).__name__}: {e}).") from e
-    return img
 
 
 def _spatial_shape(img: nib.Nifti1Image, path: os.PathLike | str) -> tuple:
@@ -232,3 +282,44 @@ def _spatial_shape(img: nib.Nifti1Image, path: os.PathLike | str) -> tuple:
     if len(shape) != 3:
         raise DataError(f"{path}: expected a 3D volume (H, W, D), got shape {shape}.")
     return shape
+
+
+# -- sampling ----------------------------------------------------------------------------------------------
+
+
+class InfiniteSampler(torch.utils.data.Sampler):
+    """Endless stream of dataset indices: one shuffled permutation after another, sharded over ranks.
+
+    Training length in the LA papers is counted in iterations, not epochs; with this sampler a
+    ``DataLoader`` never runs dry, so a small labeled set cycles (as UA-MT's two-stream sampler does) and
+    the workers are started once. Permutation ``e`` is drawn from ``seed + e``, so every rank sees the same
+    permutation and takes every ``num_replicas``-th index of it (padded by wrapping, so ranks stay in step).
+
+    Args:
+        data_source: the dataset (only its length is used) or that length.
+        shuffle: draw a new permutation per pass; False cycles ``0..n-1``.
+        seed: base seed of the permutations.
+        num_replicas, rank: for distributed training (default: one process).
+    """
+
+    def __init__(self, data_source: Any, shuffle: bool = True, seed: int = 0, num_replicas: int = 1,
+                 rank: int = 0) -> None:
+        self.length = data_source if isinstance(data_source, int) else len(data_source)
+        if self.length < 1:
+            raise ValueError("InfiniteSampler needs a non-empty dataset.")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank must be in [0, num_replicas={num_replicas}), got {rank}.")
+        self.shuffle, self.seed, self.num_replicas, self.rank = shuffle, int(seed), int(num_replicas), int(rank)
+
+    def __iter__(self) -> Iterator[int]:
+        n, r = self.length, self.num_replicas
+        padded = -(-n // r) * r
+        epoch = 0
+        while True:
+            if self.shuffle:
+                order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
+            else:
+                order = list(range(n))
+            order = (order * (-(-padded // n)))[:padded]
+            yield from order[self.rank :: r]
+            epoch += 1

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
-__all__ = ["VNet", "BACKBONE_PREFIXES"]
+__all__ = ["VNet", "BACKBONE_PREFIXES", "load_pretrained"]
 
 ENCODER_CONVS = (1, 2, 3, 3, 3)
 DECODER_CONVS = (3, 3, 2, 1)
@@ -158,3 +158,61 @@ class VNet(nn.Module):
         if self.sdm_conv is not None:
             out["sdm"] = torch.tanh(self.sdm_conv(decoded))
         return out
+
+
+def load_pretrained(
+    network: nn.Module, path: Optional[str], min_matched: int = 1, key: Optional[str] = None
+) -> nn.Module:
+    """Initialise ``network`` from another bundle's weights, matching tensors by name and shape.
+
+    Logs how many tensors matched, were missing from the file (kept at their initial values), were
+    unexpected (in the file, not in the network) or had another shape (skipped). Loads with
+    ``weights_only=True``: a weights file can hold tensors only, never code.
+
+    Args:
+        network: the network to initialise (changed in place and returned).
+        path: a state-dict file (``models/model.pt`` of any medssl bundle) or a resume checkpoint holding
+            one under ``key`` (default: ``"model"``, ``"network"`` or ``"state_dict"``); None/"" does nothing.
+        min_matched: refuse (``ValueError``) a file that matches fewer tensors, so a wrong file cannot
+            silently leave the network untrained; 0 allows anything.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: the file is not a state dict, or fewer than ``min_matched`` tensors matched.
+    """
+    if not path:
+        return network
+    import logging
+    import os
+
+    logger = logging.getLogger("medssl")
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pretrained_ckpt {path!r}: file not found.")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for k in [key] if key else ["model", "network", "state_dict"]:
+        if isinstance(state, dict) and isinstance(state.get(k), dict):
+            state = state[k]
+            break
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"pretrained_ckpt {path!r}: expected a state dict of tensors.")
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    own = network.state_dict()
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    reshaped = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
+    missing = sorted(k for k in own if k not in state)
+    unexpected = sorted(k for k in state if k not in own)
+    if len(matched) < min_matched:
+        raise ValueError(
+            f"pretrained_ckpt {path!r} matches {len(matched)} of the network's {len(own)} tensors "
+            f"(shape mismatches: {reshaped[:5]}, unexpected: {unexpected[:5]}); is it a weights file of this "
+            "architecture? Pass min_matched=0 to allow it."
+        )
+    network.load_state_dict(matched, strict=False)
+    logger.info(
+        "pretrained_ckpt %s: %d tensors matched, %d missing, %d unexpected, %d with another shape",
+        path, len(matched), len(missing), len(unexpected), len(reshaped),
+    )
+    for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", reshaped)):
+        if keys:
+            logger.info("  %s: %s%s", name, ", ".join(keys[:8]), " ..." if len(keys) > 8 else "")
+    return network

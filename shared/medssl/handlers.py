@@ -1,0 +1,184 @@
+"""Ignite handlers of the medssl bundles (attach like MONAI's: ``handler.attach(engine)``)."""
+
+from __future__ import annotations
+
+import csv
+import logging
+import os
+import re
+from typing import Any, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+from ignite.engine import Engine, Events
+
+from medssl.data import atomic_path
+
+__all__ = ["MetricsTable", "TrainingCheckpoint", "latest_checkpoint"]
+
+logger = logging.getLogger("medssl")
+
+
+class MetricsTable:
+    """Write one CSV row per evaluated case with every metric, then ``mean`` and ``std`` rows.
+
+    Reads the per-case values that MONAI metric handlers keep in ``engine.state.metric_details``
+    (``save_details=True``, the default), and the case file names from the batch metadata. The file is
+    written atomically at the end of the evaluation; the table is also logged. NaN values (a distance on an
+    empty prediction or label) are left out of the mean and std, and counted in an ``n_nan`` row.
+
+    Args:
+        save_dir: folder of the CSV file.
+        metrics: metric names as attached to the evaluator (``key_val_metric`` / ``additional_metrics``).
+        filename: CSV file name.
+        image_key: batch key whose ``.meta["filename_or_obj"]`` names the case.
+    """
+
+    def __init__(self, save_dir: str, metrics: Sequence[str] = ("dice", "jaccard", "hd95", "asd"),
+                 filename: str = "metrics.csv", image_key: str = "image") -> None:
+        self.save_dir, self.metrics, self.filename, self.image_key = save_dir, list(metrics), filename, image_key
+        self._names: List[str] = []
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.EPOCH_STARTED, lambda _: self._names.clear())
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self._collect_names)
+        engine.add_event_handler(Events.EPOCH_COMPLETED, self)
+
+    def _collect_names(self, engine: Engine) -> None:
+        for item in engine.state.batch:
+            meta = getattr(item[self.image_key], "meta", {})
+            name = os.path.basename(str(meta.get("filename_or_obj", f"case_{len(self._names)}")))
+            self._names.append(re.sub(r"\.nii(\.gz)?$", "", name))
+
+    def table(self, details: Dict[str, torch.Tensor]) -> Dict[str, np.ndarray]:
+        columns: Dict[str, np.ndarray] = {}
+        for name in self.metrics:
+            values = np.asarray(torch.as_tensor(details[name]).float().cpu(), dtype=np.float64)
+            values = values.reshape(len(values), -1)
+            for c in range(values.shape[1]):
+                columns[name if values.shape[1] == 1 else f"{name}_{c + 1}"] = values[:, c]
+        return columns
+
+    def __call__(self, engine: Engine) -> None:
+        missing = [m for m in self.metrics if m not in engine.state.metric_details]
+        if missing:
+            raise KeyError(f"MetricsTable: metrics {missing} are not attached to the evaluator (or save_details=False)")
+        columns = self.table(engine.state.metric_details)
+        names = self._names if len(self._names) == len(next(iter(columns.values()))) else [
+            f"case_{i}" for i in range(len(next(iter(columns.values()))))
+        ]
+        rows = [[n] + [f"{columns[c][i]:.6f}" for c in columns] for i, n in enumerate(names)]
+        with np.errstate(all="ignore"):
+            summary = {
+                "mean": [np.nanmean(v) for v in columns.values()],
+                "std": [np.nanstd(v) for v in columns.values()],
+            }
+        rows += [[k] + [f"{x:.6f}" for x in v] for k, v in summary.items()]
+        rows.append(["n_nan"] + [str(int(np.isnan(v).sum())) for v in columns.values()])
+        os.makedirs(self.save_dir, exist_ok=True)
+        path = os.path.join(self.save_dir, self.filename)
+        with atomic_path(path) as tmp:
+            with open(tmp, "w", newline="") as f:
+                writer = csv.writer(f)
+                writer.writerow(["case"] + list(columns))
+                writer.writerows(rows)
+        width = max(len(r[0]) for r in rows)
+        lines = ["  ".join([f"{'case':<{width}}"] + [f"{c:>10}" for c in columns])]
+        lines += ["  ".join([f"{r[0]:<{width}}"] + [f"{float(x):>10.4f}" for x in r[1:]]) for r in rows[:-1]]
+        logger.info("per-case metrics (%s):\n%s", path, "\n".join(lines))
+
+
+_CKPT = re.compile(r"^checkpoint_(\d+)\.pt$")
+
+
+def latest_checkpoint(ckpt_dir: str) -> Optional[str]:
+    """Path of the resume checkpoint with the highest iteration in ``ckpt_dir`` (None if there is none)."""
+    if not os.path.isdir(ckpt_dir):
+        return None
+    found = [(int(m.group(1)), f) for f in os.listdir(ckpt_dir) if (m := _CKPT.match(f))]
+    return os.path.join(ckpt_dir, max(found)[1]) if found else None
+
+
+def _unwrap(obj: Any) -> Any:
+    return obj.module if isinstance(obj, torch.nn.parallel.DistributedDataParallel) else obj
+
+
+def _is_rank0() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+        torch.distributed.get_rank() == 0
+    )
+
+
+class TrainingCheckpoint:
+    """Resume checkpoints and the final weights file of a training run, written atomically.
+
+    Every ``save_interval`` iterations the state dicts of ``save_dict`` (network, optimizer, scheduler,
+    and whatever an SSL method adds: EMA teacher, queues) and of the trainer itself (iteration count) go to ``ckpt_dir/checkpoint_<it>.pt``
+    through a temporary file and a rename, keeping the ``n_saved`` newest; at the end of training the
+    network's plain CPU state dict goes to ``ckpt_dir/<final_filename>`` (the bundle's ``models/model.pt``),
+    only when training completes, never on an exception. With ``resume=True`` the newest checkpoint is
+    loaded (``weights_only=True``) when the trainer starts. Only rank 0 writes.
+
+    Args:
+        ckpt_dir: folder of the checkpoints and of the final weights.
+        save_dict: ``{name: object with state_dict()/load_state_dict()}``; must hold ``final_key``.
+        save_interval: iterations between resume checkpoints (0 disables them).
+        n_saved: resume checkpoints kept.
+        final_filename: file name of the final weights (None: none written).
+        final_key: the ``save_dict`` entry whose weights are the final model.
+        resume: load the newest resume checkpoint at start (a fresh start if there is none).
+    """
+
+    def __init__(self, ckpt_dir: str, save_dict: Mapping[str, Any], save_interval: int = 0, n_saved: int = 2,
+                 final_filename: Optional[str] = "model.pt", final_key: str = "model", resume: bool = False) -> None:
+        if final_filename and final_key not in save_dict:
+            raise KeyError(f"TrainingCheckpoint: save_dict has no {final_key!r} entry for the final weights.")
+        self.ckpt_dir, self.save_dict, self.save_interval = ckpt_dir, dict(save_dict), int(save_interval)
+        self.n_saved, self.final_filename, self.final_key, self.resume = n_saved, final_filename, final_key, resume
+
+    def attach(self, engine: Engine) -> None:
+        self.save_dict.setdefault("trainer", engine)
+        if self.resume:
+            engine.add_event_handler(Events.STARTED, self.load_latest)
+        elif self.save_interval > 0 and latest_checkpoint(self.ckpt_dir):
+            raise FileExistsError(
+                f"{self.ckpt_dir} holds resume checkpoints of an earlier run ({latest_checkpoint(self.ckpt_dir)}); "
+                "pass --resume true to continue it, or choose another --ckpt_dir."
+            )
+        if self.save_interval > 0:
+            engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.save_interval), self.save)
+        if self.final_filename:
+            engine.add_event_handler(Events.COMPLETED, self.save_final)
+
+    def load_latest(self, engine: Engine) -> None:
+        path = latest_checkpoint(self.ckpt_dir)
+        if path is None:
+            logger.info("resume: no checkpoint in %s, starting from scratch", self.ckpt_dir)
+            return
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [k for k in self.save_dict if k not in state]
+        if missing:
+            raise KeyError(f"{path}: resume checkpoint lacks {missing}; it holds {sorted(state)}.")
+        for name, obj in self.save_dict.items():
+            _unwrap(obj).load_state_dict(state[name])
+        logger.info("resumed from %s (iteration %d)", path, engine.state.iteration)
+
+    def save(self, engine: Engine) -> None:
+        if not _is_rank0():
+            return
+        state = {name: _unwrap(obj).state_dict() for name, obj in self.save_dict.items()}
+        path = os.path.join(self.ckpt_dir, f"checkpoint_{engine.state.iteration}.pt")
+        with atomic_path(path) as tmp:
+            torch.save(state, tmp)
+        kept = sorted((int(m.group(1)), f) for f in os.listdir(self.ckpt_dir) if (m := _CKPT.match(f)))
+        for _, f in kept[: -self.n_saved] if self.n_saved > 0 else []:
+            os.remove(os.path.join(self.ckpt_dir, f))
+
+    def save_final(self, engine: Engine) -> None:
+        if not _is_rank0():
+            return
+        weights = {k: v.detach().cpu() for k, v in _unwrap(self.save_dict[self.final_key]).state_dict().items()}
+        path = os.path.join(self.ckpt_dir, self.final_filename)
+        with atomic_path(path) as tmp:
+            torch.save(weights, tmp)
+        logger.info("saved final weights (iteration %d) to %s", engine.state.iteration, path)
