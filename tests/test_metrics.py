@@ -11,9 +11,6 @@ import numpy as np
 import pytest
 import torch
 from medpy.metric import binary as medpy_binary
-from monai.data import MetaTensor
-from scipy import ndimage as ndi
-
 from medssl.metrics import (
     METRIC_NAMES,
     SegmentationMetric,
@@ -24,6 +21,8 @@ from medssl.metrics import (
     jaccard,
     surface_distances,
 )
+from monai.data import MetaTensor
+from scipy import ndimage as ndi
 
 FUNCTIONS = {"dice": dice, "jaccard": jaccard, "hd95": hd95, "asd": asd}
 

@@ -9,7 +9,6 @@ import nibabel as nib
 import nrrd
 import numpy as np
 import pytest
-
 from medssl.data import DataError, labeled_list
 from medssl.prepare_la import (
     TRAINING_SET_DIR,

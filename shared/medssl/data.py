@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -38,6 +39,24 @@ DATASET_JSON = "dataset.json"
 
 class DataError(ValueError):
     """Bad input data: the message names the file or key and what was expected."""
+
+
+def _repeat_data_error(exc_type, exc, tb) -> None:
+    """Print the traceback, then repeat a DataError buried under MONAI's config errors as the last line."""
+    _previous_excepthook(exc_type, exc, tb)
+    cause, seen = exc, set()
+    while cause is not None and id(cause) not in seen and not isinstance(cause, DataError):
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    if cause is not None and cause is not exc:
+        sys.stderr.write(f"\nmedssl.data.DataError: {cause}\n")
+
+
+# MONAI reports a failing config expression as "RuntimeError: Failed to evaluate ConfigExpression", with the
+# real reason (which file, what was expected) in the middle of the chained traceback; say it again at the end.
+_previous_excepthook = sys.excepthook
+if sys.excepthook is sys.__excepthook__:
+    sys.excepthook = _repeat_data_error
 
 
 # -- safe writing ------------------------------------------------------------------------------------------
@@ -141,7 +160,7 @@ def _resolve(root: Path, path: Path, key: str, index: int, item: Any) -> Dict[st
 def _require_files(entries: Sequence[Dict[str, Any]], keys: Sequence[str], source: str) -> None:
     for i, entry in enumerate(entries):
         for k in keys:
-            if k not in entry:
+            if not isinstance(entry.get(k), str):
                 raise DataError(f"{source}[{i}] has no {k!r}; expected an {k} path for every entry.")
             if not Path(entry[k]).is_file():
                 raise DataError(f"{entry[k]}: file not found ({source}[{i}][{k!r}]).")
@@ -182,7 +201,7 @@ def unlabeled_list(dataset_dir: os.PathLike | str, num_labeled: int) -> List[Dic
     source = f"{Path(dataset_dir) / DATASET_JSON}: training"
     if not 0 <= int(num_labeled) <= len(training):
         raise DataError(f"num_labeled={num_labeled} is out of range: {source} has {len(training)} entries.")
-    entries = [{"image": e["image"]} for e in training[int(num_labeled):]]
+    entries = [{"image": e["image"]} for e in training[int(num_labeled) :]]
     _require_files(entries, ("image",), source)
     return entries
 
@@ -302,8 +321,9 @@ class InfiniteSampler(torch.utils.data.Sampler):
         num_replicas, rank: for distributed training (default: one process).
     """
 
-    def __init__(self, data_source: Any, shuffle: bool = True, seed: int = 0, num_replicas: int = 1,
-                 rank: int = 0) -> None:
+    def __init__(
+        self, data_source: Any, shuffle: bool = True, seed: int = 0, num_replicas: int = 1, rank: int = 0
+    ) -> None:
         self.length = data_source if isinstance(data_source, int) else len(data_source)
         if self.length < 1:
             raise ValueError("InfiniteSampler needs a non-empty dataset.")

@@ -11,7 +11,6 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-
 from medssl.data import atomic_path
 
 __all__ = ["MetricsTable", "TrainingCheckpoint", "latest_checkpoint"]
@@ -34,8 +33,13 @@ class MetricsTable:
         image_key: batch key whose ``.meta["filename_or_obj"]`` names the case.
     """
 
-    def __init__(self, save_dir: str, metrics: Sequence[str] = ("dice", "jaccard", "hd95", "asd"),
-                 filename: str = "metrics.csv", image_key: str = "image") -> None:
+    def __init__(
+        self,
+        save_dir: str,
+        metrics: Sequence[str] = ("dice", "jaccard", "hd95", "asd"),
+        filename: str = "metrics.csv",
+        image_key: str = "image",
+    ) -> None:
         self.save_dir, self.metrics, self.filename, self.image_key = save_dir, list(metrics), filename, image_key
         self._names: List[str] = []
 
@@ -64,9 +68,11 @@ class MetricsTable:
         if missing:
             raise KeyError(f"MetricsTable: metrics {missing} are not attached to the evaluator (or save_details=False)")
         columns = self.table(engine.state.metric_details)
-        names = self._names if len(self._names) == len(next(iter(columns.values()))) else [
-            f"case_{i}" for i in range(len(next(iter(columns.values()))))
-        ]
+        names = (
+            self._names
+            if len(self._names) == len(next(iter(columns.values())))
+            else [f"case_{i}" for i in range(len(next(iter(columns.values()))))]
+        )
         rows = [[n] + [f"{columns[c][i]:.6f}" for c in columns] for i, n in enumerate(names)]
         with np.errstate(all="ignore"):
             summary = {
@@ -113,11 +119,12 @@ class TrainingCheckpoint:
     """Resume checkpoints and the final weights file of a training run, written atomically.
 
     Every ``save_interval`` iterations the state dicts of ``save_dict`` (network, optimizer, scheduler,
-    and whatever an SSL method adds: EMA teacher, queues) and of the trainer itself (iteration count) go to ``ckpt_dir/checkpoint_<it>.pt``
-    through a temporary file and a rename, keeping the ``n_saved`` newest; at the end of training the
-    network's plain CPU state dict goes to ``ckpt_dir/<final_filename>`` (the bundle's ``models/model.pt``),
-    only when training completes, never on an exception. With ``resume=True`` the newest checkpoint is
-    loaded (``weights_only=True``) when the trainer starts. Only rank 0 writes.
+    and whatever an SSL method adds: EMA teacher, queues) and of the trainer itself (iteration count) go
+    to ``ckpt_dir/checkpoint_<it>.pt`` through a temporary file and a rename, keeping the ``n_saved``
+    newest. At the end of training the network's plain CPU state dict goes to ``ckpt_dir/<final_filename>``
+    (the bundle's ``models/model.pt``), only when training completes, never on an exception. With
+    ``resume=True`` the newest checkpoint is loaded (``weights_only=True``) when the trainer starts.
+    Only rank 0 writes.
 
     Args:
         ckpt_dir: folder of the checkpoints and of the final weights.
@@ -129,8 +136,16 @@ class TrainingCheckpoint:
         resume: load the newest resume checkpoint at start (a fresh start if there is none).
     """
 
-    def __init__(self, ckpt_dir: str, save_dict: Mapping[str, Any], save_interval: int = 0, n_saved: int = 2,
-                 final_filename: Optional[str] = "model.pt", final_key: str = "model", resume: bool = False) -> None:
+    def __init__(
+        self,
+        ckpt_dir: str,
+        save_dict: Mapping[str, Any],
+        save_interval: int = 0,
+        n_saved: int = 2,
+        final_filename: Optional[str] = "model.pt",
+        final_key: str = "model",
+        resume: bool = False,
+    ) -> None:
         if final_filename and final_key not in save_dict:
             raise KeyError(f"TrainingCheckpoint: save_dict has no {final_key!r} entry for the final weights.")
         self.ckpt_dir, self.save_dict, self.save_interval = ckpt_dir, dict(save_dict), int(save_interval)

@@ -55,8 +55,9 @@ def _conv_stage(n_convs: int, in_channels: int, out_channels: int, norm: str) ->
 
 def _resample(transposed: bool, in_channels: int, out_channels: int, norm: str) -> nn.Sequential:
     conv = nn.ConvTranspose3d if transposed else nn.Conv3d
-    return nn.Sequential(conv(in_channels, out_channels, kernel_size=2, stride=2), _norm(norm, out_channels),
-                         nn.ReLU(inplace=True))
+    return nn.Sequential(
+        conv(in_channels, out_channels, kernel_size=2, stride=2), _norm(norm, out_channels), nn.ReLU(inplace=True)
+    )
 
 
 class _DownStage(nn.Module):
@@ -117,9 +118,7 @@ class VNet(nn.Module):
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.encoder = nn.ModuleList([_conv_stage(ENCODER_CONVS[0], in_channels, widths[0], norm)])
-        self.encoder.extend(
-            _DownStage(n, widths[i], widths[i + 1], norm) for i, n in enumerate(ENCODER_CONVS[1:])
-        )
+        self.encoder.extend(_DownStage(n, widths[i], widths[i + 1], norm) for i, n in enumerate(ENCODER_CONVS[1:]))
         self.decoder = nn.ModuleList(
             _UpStage(n, widths[-1 - i], widths[-2 - i], norm) for i, n in enumerate(DECODER_CONVS)
         )
@@ -195,7 +194,7 @@ def load_pretrained(
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise ValueError(f"pretrained_ckpt {path!r}: expected a state dict of tensors.")
-    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
     own = network.state_dict()
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     reshaped = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
@@ -210,7 +209,11 @@ def load_pretrained(
     network.load_state_dict(matched, strict=False)
     logger.info(
         "pretrained_ckpt %s: %d tensors matched, %d missing, %d unexpected, %d with another shape",
-        path, len(matched), len(missing), len(unexpected), len(reshaped),
+        path,
+        len(matched),
+        len(missing),
+        len(unexpected),
+        len(reshaped),
     )
     for name, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", reshaped)):
         if keys:

@@ -35,9 +35,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import h5py
 import nrrd
 import numpy as np
-from tqdm import tqdm
-
 from medssl.data import DataError, check_headers, write_json, write_nifti
+from tqdm import tqdm
 
 __all__ = [
     "prepare_la",

@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Any, Dict, Sequence, Tuple
 
 import numpy as np
-from scipy import ndimage
-
 from medssl.data import write_json, write_nifti
+from scipy import ndimage
 
 __all__ = ["sample_data", "synthesize_case", "parse_shape", "SAMPLE_SPACING"]
 

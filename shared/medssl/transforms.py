@@ -6,10 +6,9 @@ from typing import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
+from medssl.data import DataError
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
-
-from medssl.data import DataError
 
 __all__ = ["CheckVolumed"]
 
@@ -35,8 +34,13 @@ class CheckVolumed(MapTransform):
         DataError: a NaN/Inf voxel, or a label value outside ``classes``, with the file name.
     """
 
-    def __init__(self, keys: KeysCollection, label_keys: KeysCollection = (), classes: Sequence[int] = (0, 1),
-                 allow_missing_keys: bool = True) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection,
+        label_keys: KeysCollection = (),
+        classes: Sequence[int] = (0, 1),
+        allow_missing_keys: bool = True,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.label_keys = [label_keys] if isinstance(label_keys, str) else list(label_keys)
         self.classes = torch.as_tensor(list(classes))

@@ -1,0 +1,51 @@
+"""Command line of medssl: ``python -m medssl <command> [--flag value ...]`` (``--help`` on any command).
+
+Commands:
+    demo         the main job: sample data -> short la_seg_finetune training -> evaluation -> table + PNG
+    prepare_la   convert a public LA release (UA-MT h5 or challenge nrrd layout) to NIfTI + dataset.json
+    sample_data  write the synthetic atrium-like sample set
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import fire
+from medssl.data import DataError
+
+__all__ = ["main"]
+
+
+def prepare_la(src: str, out: str, overwrite: bool = False, seed: int = 0) -> str:
+    """Convert the public LA release at ``src`` into NIfTI + dataset.json under ``out`` (safe to re-run)."""
+    from medssl.prepare_la import prepare_la as _prepare_la
+
+    return str(_prepare_la(src, out, overwrite=overwrite, seed=seed))
+
+
+def sample_data(out: str, num_cases: int = 6, shape: str = "96,96,64", seed: int = 0, num_test: int = 2) -> str:
+    """Write the deterministic synthetic atrium-like sample set (NIfTI + dataset.json) under ``out``."""
+    from medssl.sample_data import sample_data as _sample_data
+
+    return str(_sample_data(out, num_cases=num_cases, shape=shape, seed=seed, num_test=num_test))
+
+
+def demo(out: str = "demo_output", iterations: int = 200, seed: int = 0, bundles_dir: str = None) -> None:
+    """Sample data, a short la_seg_finetune training, evaluation, inference; prints metrics, writes demo.png."""
+    from medssl.demo import demo as _demo
+
+    _demo(out=out, iterations=iterations, seed=seed, bundles_dir=bundles_dir)
+
+
+COMMANDS = {"demo": demo, "prepare_la": prepare_la, "sample_data": sample_data}
+
+
+def main(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
+    try:
+        fire.Fire(COMMANDS, command=argv, name="python -m medssl")
+    except (DataError, FileNotFoundError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

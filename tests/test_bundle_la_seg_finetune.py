@@ -1,0 +1,311 @@
+"""la_seg_finetune end to end through ``python -m monai.bundle`` subprocesses, as a user runs it."""
+
+import csv
+import json
+import re
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from helpers import BUNDLES, TINY, bundle_cmd, configs, real_subset
+from medssl.metrics import case_metrics
+from medssl.networks import VNet
+from medssl.sample_data import sample_data
+
+NAME = "la_seg_finetune"
+META = BUNDLES / NAME / "configs" / "metadata.json"
+LA_IDS = ["06SR5RBREL16DQ6M8LWS", "0RZDK210BSMWAA6467LU"]
+
+
+@pytest.fixture(scope="module")
+def sample_dir(tmp_path_factory):
+    out = sample_data(tmp_path_factory.mktemp("sample"), num_cases=5, shape=(48, 48, 32), num_test=2)
+    d = json.loads((out / "dataset.json").read_text())
+    d["validation"] = d["test"][:1]
+    (out / "dataset.json").write_text(json.dumps(d))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(sample_dir, tmp_path_factory):
+    """2 iterations on the sample set with validation every iteration and a resume checkpoint each one."""
+    root = tmp_path_factory.mktemp("bundle")
+    proc = bundle_cmd(
+        "run",
+        "--config_file",
+        configs(NAME, "train"),
+        "--bundle_root",
+        root,
+        "--dataset_dir",
+        sample_dir,
+        "--num_labeled",
+        3,
+        "--max_iterations",
+        2,
+        "--val_interval",
+        1,
+        "--save_interval",
+        1,
+        "--batch_size",
+        2,
+        *TINY,
+    )
+    return root, proc.stdout
+
+
+def _metrics_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_train_outputs(trained):
+    root, log = trained
+    models = root / "models"
+    state = torch.load(models / "model.pt", weights_only=True)
+    assert set(state) == set(VNet().state_dict())
+    assert all(v.device.type == "cpu" for v in state.values())
+    assert (models / "model_best.pt").is_file()  # validation on the "validation" list
+    assert sorted(p.name for p in models.glob("checkpoint_*.pt")) == ["checkpoint_1.pt", "checkpoint_2.pt"]
+    ckpt = torch.load(models / "checkpoint_2.pt", weights_only=True)
+    assert set(ckpt) == {"model", "optimizer", "lr_scheduler", "trainer"}
+    assert ckpt["trainer"]["iteration"] == 2
+    assert len(re.findall(r"Iter: \d/2 -- train_loss: \d\.\d+", log)) == 2
+    assert log.count("val_mean_dice") >= 2
+    assert list((root / "eval").glob("events.out.tfevents.*"))  # TensorBoard
+    assert not list(models.glob(".*tmp*"))  # no temporary files left behind
+
+
+def test_evaluate_and_inference_agree_with_independent_metrics(trained, sample_dir):
+    root, _ = trained
+    bundle_cmd(
+        "run",
+        "--config_file",
+        configs(NAME, "train", "evaluate"),
+        "--bundle_root",
+        root,
+        "--dataset_dir",
+        sample_dir,
+        *TINY,
+    )
+    rows = _metrics_rows(root / "eval" / "metrics.csv")
+    assert [r["case"] for r in rows] == ["sample_003", "sample_004", "mean", "std", "n_nan"]
+    bundle_cmd(
+        "run", "--config_file", configs(NAME, "inference"), "--bundle_root", root, "--dataset_dir", sample_dir, *TINY
+    )
+    for row in rows[:2]:
+        image = nib.load(sample_dir / "imagesTr" / f"{row['case']}.nii.gz")
+        pred = nib.load(root / "eval" / f"{row['case']}_seg.nii.gz")
+        assert pred.shape == image.shape and pred.get_data_dtype() == np.uint8
+        np.testing.assert_allclose(pred.affine, image.affine)
+        assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1}
+        label = np.asarray(nib.load(sample_dir / "labelsTr" / f"{row['case']}.nii.gz").dataobj)
+        expected = case_metrics(np.asarray(pred.dataobj), label)
+        for k, v in expected.items():
+            assert float(row[k]) == pytest.approx(v, abs=1e-5, nan_ok=True), (row["case"], k)
+    means = rows[2]
+    assert float(means["dice"]) == pytest.approx(np.mean([float(r["dice"]) for r in rows[:2]]), abs=1e-5)
+
+
+def test_paper_sliding_window_option(trained, sample_dir):
+    """--sw_stride [18,18,4] reproduces the UA-MT window grid: ceil((size - patch) / stride) + 1 windows per axis."""
+    root, _ = trained
+    out = root / "eval_paper"
+    proc = bundle_cmd(
+        "run",
+        "--config_file",
+        configs(NAME, "train", "evaluate"),
+        "--bundle_root",
+        root,
+        "--dataset_dir",
+        sample_dir,
+        "--output_dir",
+        out,
+        "--sw_stride",
+        "[8,8,4]",
+        *TINY,
+    )
+    assert proc.returncode == 0 and (out / "metrics.csv").is_file()
+    from monai.inferers.utils import _get_scan_interval, dense_patch_slices
+
+    for patch, stride, size in [((112, 112, 80), (18, 18, 4), (244, 160, 88)), ((32, 32, 32), (8, 8, 4), (48, 48, 32))]:
+        overlap = [1 - (s + 0.5) / p for s, p in zip(stride, patch)]
+        interval = _get_scan_interval(size, patch, 3, overlap)
+        assert [i for i, n, p in zip(interval, size, patch) if n > p] == [
+            s for s, n, p in zip(stride, size, patch) if n > p
+        ]
+        starts = sorted({tuple(s.start for s in sl) for sl in dense_patch_slices(size, patch, interval)})
+        expected = [int(np.ceil((n - p) / s)) + 1 for n, p, s in zip(size, patch, stride)]
+        assert len(starts) == int(np.prod(expected))
+
+
+def test_ckpt_export_torchscript_equals_eager(trained, tmp_path):
+    root, _ = trained
+    ts = tmp_path / "model.ts"
+    bundle_cmd(
+        "ckpt_export",
+        "network_def",
+        "--filepath",
+        ts,
+        "--ckpt_file",
+        root / "models" / "model.pt",
+        "--meta_file",
+        META,
+        "--config_file",
+        configs(NAME, "inference"),
+        "--bundle_root",
+        root,
+    )
+    scripted = torch.jit.load(str(ts))
+    eager = VNet().eval()
+    eager.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
+    x = torch.randn(1, 1, 32, 48, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), eager(x), rtol=1e-5, atol=1e-5)
+
+
+def test_verify_metadata(schema_path):
+    proc = bundle_cmd("verify_metadata", "--meta_file", META, "--filepath", schema_path)
+    assert "metadata is verified with no error" in proc.stdout
+
+
+def test_verify_net_in_out():
+    proc = bundle_cmd(
+        "verify_net_in_out",
+        "network_def",
+        "--meta_file",
+        META,
+        "--config_file",
+        configs(NAME, "inference"),
+        "--n",
+        2,
+        "--device",
+        "cpu",
+    )
+    assert "data shape of network is verified with no error" in proc.stdout
+
+
+@pytest.mark.parametrize(
+    "names, workflow_type", [(["train"], "train"), (["inference"], "infer"), (["train", "evaluate"], "train")]
+)
+def test_check_properties_empty(names, workflow_type, sample_dir, tmp_path):
+    from monai.bundle import ConfigWorkflow
+
+    files = [str(BUNDLES / NAME / "configs" / f"{n}.json") for n in names]
+    wf = ConfigWorkflow(
+        config_file=files,
+        workflow_type=workflow_type,
+        meta_file=str(META),
+        logging_file=str(BUNDLES / NAME / "configs" / "logging.conf"),
+        dataset_dir=str(sample_dir),
+        bundle_root=str(tmp_path),
+        num_labeled=3,
+        patch_size=[32, 32, 32],
+        num_workers=0,
+    )
+    wf.initialize()
+    assert wf.check_properties() == []
+
+
+def test_pretrained_ckpt_logs_counts(trained, sample_dir, tmp_path):
+    root, _ = trained
+    proc = bundle_cmd(
+        "run",
+        "--config_file",
+        configs(NAME, "train"),
+        "--bundle_root",
+        tmp_path,
+        "--dataset_dir",
+        sample_dir,
+        "--num_labeled",
+        2,
+        "--max_iterations",
+        1,
+        "--save_interval",
+        0,
+        "--pretrained_ckpt",
+        root / "models" / "model.pt",
+        *TINY,
+    )
+    n = len(VNet().state_dict())
+    assert f"{n} tensors matched, 0 missing, 0 unexpected, 0 with another shape" in proc.stdout
+
+
+def test_acceptance_command_on_real_la(la_dir, tmp_path):
+    """The issue's acceptance command, verbatim but for bundle_root (so nothing lands in the checkout)."""
+    proc = bundle_cmd(
+        "run",
+        "--config_file",
+        "bundles/la_seg_finetune/configs/train.json",
+        "--dataset_dir",
+        la_dir,
+        "--num_labeled",
+        16,
+        "--patch_size",
+        "[32,32,32]",
+        "--max_iterations",
+        2,
+        "--val_interval",
+        1,
+        "--bundle_root",
+        tmp_path,
+    )
+    assert (tmp_path / "models" / "model.pt").is_file()
+    assert "Iter: 2/2" in proc.stdout
+
+
+def test_train_evaluate_infer_two_real_cases(la_dir, tmp_path):
+    data = real_subset(la_dir, tmp_path / "data", LA_IDS[:1], test_ids=LA_IDS[1:])
+    root = tmp_path / "bundle"
+    args = ["--bundle_root", root, "--dataset_dir", data, *TINY]
+    bundle_cmd(
+        "run",
+        "--config_file",
+        configs(NAME, "train"),
+        "--num_labeled",
+        1,
+        "--max_iterations",
+        2,
+        "--batch_size",
+        2,
+        *args,
+    )
+    bundle_cmd("run", "--config_file", configs(NAME, "train", "evaluate"), *args)
+    rows = _metrics_rows(root / "eval" / "metrics.csv")
+    assert rows[0]["case"] == LA_IDS[1] and 0 <= float(rows[0]["dice"]) <= 1
+    bundle_cmd("run", "--config_file", configs(NAME, "inference"), *args)
+    image = nib.load(la_dir / "imagesTr" / f"{LA_IDS[1]}.nii.gz")
+    pred = nib.load(root / "eval" / f"{LA_IDS[1]}_seg.nii.gz")
+    assert pred.shape == image.shape == (199, 143, 88)
+    np.testing.assert_allclose(pred.affine, image.affine)
+
+
+@pytest.mark.parametrize("case", ["no_dataset_json", "patch_too_large", "num_labeled_too_large"])
+def test_bad_input_stops_with_named_file(case, sample_dir, tmp_path):
+    data, extra, expected = sample_dir, [], ""
+    if case == "no_dataset_json":
+        data, expected = tmp_path, f"{tmp_path}/dataset.json: file not found"
+    elif case == "patch_too_large":
+        extra = ["--patch_size", "[64,32,32]", "--num_labeled", 3]
+        expected = "sample_000.nii.gz: volume shape (48, 48, 32) is smaller than patch_size [64, 32, 32]"
+    else:
+        extra, expected = ["--num_labeled", 9], "num_labeled=9 is out of range"
+    proc = bundle_cmd(
+        "run",
+        "--config_file",
+        configs(NAME, "train"),
+        "--bundle_root",
+        tmp_path / "b",
+        "--dataset_dir",
+        data,
+        "--max_iterations",
+        1,
+        "--num_workers",
+        0,
+        *extra,
+        check=False,
+    )
+    assert proc.returncode != 0
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("medssl.data.DataError: ")  # the reason comes last
+    assert expected in proc.stdout.rstrip().splitlines()[-1]
+    assert not (tmp_path / "b" / "models" / "model.pt").exists()
