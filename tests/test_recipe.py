@@ -51,7 +51,7 @@ def test_loss_is_half_ce_plus_half_squared_dice():
 def test_augmentation_matches_ua_mt(tmp_path):
     """rot90 k uniform in {0..3} in-plane, then a flip of axis 0 or 1 (never z), then a random crop."""
     p = _parser(patch_size=[4, 4, 2])
-    rot, flip, crop = p.get_parsed_content("train#random_transforms")[1:]
+    rot, flip, crop = p.get_parsed_content("train#random_transforms")[1:4]
     vol = torch.arange(6 * 6 * 3, dtype=torch.float32).reshape(1, 6, 6, 3)
     rot.set_random_state(0)
     ks = []
