@@ -11,6 +11,7 @@ import torch
 from medssl.data import (
     DataError,
     InfiniteSampler,
+    as_bool,
     atomic_path,
     check_headers,
     eval_list,
@@ -197,3 +198,10 @@ def test_infinite_sampler():
         InfiniteSampler(0)
     with pytest.raises(ValueError, match="rank must be in"):
         InfiniteSampler(4, num_replicas=2, rank=2)
+
+
+def test_as_bool_reads_command_line_strings():
+    assert [as_bool(v) for v in (True, "true", "True", "YES", "1", 1)] == [True] * 6
+    assert [as_bool(v) for v in (False, "false", "no", "0", 0, None)] == [False] * 6
+    with pytest.raises(ValueError, match="resume must be true or false, got 'maybe'"):
+        as_bool("maybe", "resume")

@@ -26,7 +26,7 @@ def test_stage_widths_and_conv_counts():
 
 def test_shapes_and_heads():
     torch.manual_seed(0)
-    net = VNet(sdm_head=True).eval()
+    net = VNet(sdm_head=True, proj_dim=8).eval()
     x = torch.randn(2, 1, 32, 48, 16)
     logits = net(x)
     assert logits.shape == (2, 2, 32, 48, 16)
@@ -35,6 +35,11 @@ def test_shapes_and_heads():
     assert out["features"].shape == (2, 16, 32, 48, 16)
     assert out["bottleneck"].shape == (2, 256, 2, 3, 1)
     assert out["sdm"].shape == (2, 1, 32, 48, 16) and out["sdm"].abs().max() <= 1
+    assert out["proj"].shape == (2, 8, 32, 48, 16)
+    # heads sit beside the backbone: the backbone's weights load into a head-less VNet by name
+    backbone = {k: v for k, v in net.state_dict().items() if k.startswith(BACKBONE_PREFIXES)}
+    assert VNet().load_state_dict(backbone, strict=True)
+    assert sum(p.numel() for p in net.proj_head.parameters()) == 16 * 16 + 16 + 16 * 8 + 8
     feats = net.encode(x)
     assert [f.shape[1] for f in feats] == [16, 32, 64, 128, 256]
 

@@ -22,6 +22,7 @@ import torch
 
 __all__ = [
     "DataError",
+    "as_bool",
     "load_datalist",
     "labeled_list",
     "unlabeled_list",
@@ -57,6 +58,23 @@ def _repeat_data_error(exc_type, exc, tb) -> None:
 _previous_excepthook = sys.excepthook
 if sys.excepthook is sys.__excepthook__:
     sys.excepthook = _repeat_data_error
+
+
+def as_bool(value: Any, name: str = "value") -> bool:
+    """``value`` as a bool; command-line strings ``true/false/yes/no/1/0`` (any case) are understood.
+
+    ``python -m monai.bundle run --resume false`` passes the string ``"false"``, which Python reads as True.
+
+    Raises:
+        ValueError: anything else, naming ``name``.
+    """
+    if isinstance(value, (bool, np.bool_)) or value is None:
+        return bool(value)
+    if isinstance(value, (int, np.integer)) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in ("true", "false", "yes", "no", "1", "0"):
+        return value.strip().lower() in ("true", "yes", "1")
+    raise ValueError(f"{name} must be true or false, got {value!r}.")
 
 
 # -- safe writing ------------------------------------------------------------------------------------------
@@ -190,8 +208,9 @@ def labeled_list(
         )
     entries = [{"image": e["image"], "label": e.get("label")} for e in training[:n]]
     _require_files(entries, ("image", "label"), source)
+    pad = as_bool(pad_small_volumes, "pad_small_volumes")
     for e in entries:
-        check_headers(e["image"], e["label"], None if pad_small_volumes else patch_size)
+        check_headers(e["image"], e["label"], None if pad else patch_size)
     return entries
 
 

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from medssl.data import atomic_path
+from medssl.data import as_bool, atomic_path
 
 __all__ = ["MetricsTable", "TrainingCheckpoint", "latest_checkpoint"]
 
@@ -149,7 +149,8 @@ class TrainingCheckpoint:
         if final_filename and final_key not in save_dict:
             raise KeyError(f"TrainingCheckpoint: save_dict has no {final_key!r} entry for the final weights.")
         self.ckpt_dir, self.save_dict, self.save_interval = ckpt_dir, dict(save_dict), int(save_interval)
-        self.n_saved, self.final_filename, self.final_key, self.resume = n_saved, final_filename, final_key, resume
+        self.n_saved, self.final_filename, self.final_key = n_saved, final_filename, final_key
+        self.resume = as_bool(resume, "resume")
 
     def attach(self, engine: Engine) -> None:
         self.save_dict.setdefault("trainer", engine)

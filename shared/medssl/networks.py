@@ -99,6 +99,9 @@ class VNet(nn.Module):
             (0.5 in the benchmark); 0 disables it.
         sdm_head: add a signed-distance-map head (1x1x1 conv + tanh on the last decoder features, one
             channel per foreground class), as used by DTC and SimCVD.
+        proj_dim: add a voxel-wise projection head with this many output channels (1x1x1 conv, ReLU,
+            1x1x1 conv on the last decoder features), the embedding space of the contrastive losses of CVRL
+            and SimCVD; 0 for none.
 
     Input: ``[B, in_channels, H, W, D]`` with H, W, D divisible by 16. ``forward`` returns logits
     ``[B, out_channels, H, W, D]``.
@@ -112,6 +115,7 @@ class VNet(nn.Module):
         norm: str = "batch",
         dropout: float = 0.5,
         sdm_head: bool = False,
+        proj_dim: int = 0,
     ) -> None:
         super().__init__()
         widths = [n_filters * 2**i for i in range(len(ENCODER_CONVS))]
@@ -125,6 +129,13 @@ class VNet(nn.Module):
         self.dropout = nn.Dropout3d(p=dropout) if dropout > 0 else nn.Identity()
         self.out_conv = nn.Conv3d(widths[0], out_channels, kernel_size=1)
         self.sdm_conv: Optional[nn.Module] = nn.Conv3d(widths[0], out_channels - 1, kernel_size=1) if sdm_head else None
+        self.proj_head: Optional[nn.Module] = (
+            nn.Sequential(
+                nn.Conv3d(widths[0], widths[0], kernel_size=1), nn.ReLU(inplace=True), nn.Conv3d(widths[0], proj_dim, 1)
+            )
+            if proj_dim > 0
+            else None
+        )
 
     def encode(self, x: torch.Tensor) -> List[torch.Tensor]:
         """Encoder features ``[x1, ..., x5]`` (full resolution to bottleneck); dropout applied to ``x5``."""
@@ -150,12 +161,17 @@ class VNet(nn.Module):
         return self.out_conv(self.decode(self.encode(x)))
 
     def forward_heads(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """One pass for the SSL bundles: ``{"logits", "features" (last decoder), "bottleneck"[, "sdm"]}``."""
+        """One pass for the SSL bundles: ``{"logits", "features" (last decoder), "bottleneck"[, "sdm"][, "proj"]}``.
+
+        ``"proj"`` is the projection head's output, not normalised (the losses normalise where they need to).
+        """
         features = self.encode(x)
         decoded = self.decode(features)
         out = {"logits": self.out_conv(decoded), "features": decoded, "bottleneck": features[-1]}
         if self.sdm_conv is not None:
             out["sdm"] = torch.tanh(self.sdm_conv(decoded))
+        if self.proj_head is not None:
+            out["proj"] = self.proj_head(decoded)
         return out
 
 
