@@ -4,6 +4,7 @@ Commands:
     demo         the main job: sample data -> short la_seg_finetune training -> evaluation -> table + PNG
     prepare_la   convert a public LA release (UA-MT h5 or challenge nrrd layout) to NIfTI + dataset.json
     sample_data  write the synthetic atrium-like sample set
+    dev_split    write the development split of the LA data (cases 1-60 train, 61-80 test), optionally downsampled
 """
 
 from __future__ import annotations
@@ -31,6 +32,14 @@ def sample_data(out: str, num_cases: int = 6, shape: str = "96,96,64", seed: int
     return str(_sample_data(out, num_cases=num_cases, shape=shape, seed=seed, num_test=num_test))
 
 
+def dev_split(dataset_dir: str, out: str, num_train: int = 60, downsample: int = 1) -> str:
+    """Write the dev split (training = first ``num_train`` cases, test = the rest) of ``dataset_dir`` to ``out``;
+    ``--downsample 2`` also writes half-resolution copies for CPU protocols."""
+    from medssl.data import write_dev_split
+
+    return str(write_dev_split(dataset_dir, out, num_train=num_train, downsample=downsample))
+
+
 def demo(out: str = "demo_output", iterations: int = 200, seed: int = 0, bundles_dir: str = None) -> None:
     """Sample data, a short la_seg_finetune training, evaluation, inference; prints metrics, writes demo.png."""
     from medssl.demo import demo as _demo
@@ -38,7 +47,7 @@ def demo(out: str = "demo_output", iterations: int = 200, seed: int = 0, bundles
     _demo(out=out, iterations=iterations, seed=seed, bundles_dir=bundles_dir)
 
 
-COMMANDS = {"demo": demo, "prepare_la": prepare_la, "sample_data": sample_data}
+COMMANDS = {"demo": demo, "dev_split": dev_split, "prepare_la": prepare_la, "sample_data": sample_data}
 
 
 def main(argv=None) -> int:

@@ -33,6 +33,7 @@ __all__ = [
     "write_nifti",
     "write_json",
     "atomic_path",
+    "write_dev_split",
 ]
 
 DATASET_JSON = "dataset.json"
@@ -214,14 +215,35 @@ def labeled_list(
     return entries
 
 
-def unlabeled_list(dataset_dir: os.PathLike | str, num_labeled: int) -> List[Dict[str, Any]]:
-    """The ``"training"`` entries after the first ``num_labeled``, as image-only entries (labels dropped)."""
+def unlabeled_list(
+    dataset_dir: os.PathLike | str,
+    num_labeled: int,
+    patch_size: Optional[Sequence[int]] = None,
+    pad_small_volumes: bool = False,
+    min_count: int = 0,
+) -> List[Dict[str, Any]]:
+    """The ``"training"`` entries after the first ``num_labeled``, as image-only entries: their labels are
+    dropped and never read (an unlabeled entry needs no label file). Image headers are checked as in
+    :func:`labeled_list`.
+
+    Raises:
+        DataError: bad datalist, ``num_labeled`` out of range, fewer than ``min_count`` entries, a missing or
+            bad image.
+    """
     training = load_datalist(dataset_dir)["training"]
     source = f"{Path(dataset_dir) / DATASET_JSON}: training"
     if not 0 <= int(num_labeled) <= len(training):
         raise DataError(f"num_labeled={num_labeled} is out of range: {source} has {len(training)} entries.")
     entries = [{"image": e["image"]} for e in training[int(num_labeled) :]]
+    if len(entries) < min_count:
+        raise DataError(
+            f"{source} has {len(training)} entries and num_labeled={num_labeled}, leaving {len(entries)} unlabeled; "
+            f"semi-supervised training needs at least {min_count} unlabeled volume(s)."
+        )
     _require_files(entries, ("image",), source)
+    pad = as_bool(pad_small_volumes, "pad_small_volumes")
+    for e in entries:
+        check_headers(e["image"], None, None if pad else patch_size)
     return entries
 
 
@@ -362,3 +384,68 @@ class InfiniteSampler(torch.utils.data.Sampler):
             order = (order * (-(-padded // n)))[:padded]
             yield from order[self.rank :: r]
             epoch += 1
+
+
+# -- the dev split -----------------------------------------------------------------------------------------
+
+
+def write_dev_split(
+    dataset_dir: os.PathLike | str, out: os.PathLike | str, num_train: int = 60, downsample: int = 1
+) -> Path:
+    """Write the development split of the LA data: training = the first ``num_train`` ``"training"`` entries (the
+    first ``num_labeled`` of them are the labeled ones), test = the rest, which no training sees, not even as
+    unlabeled data (DESIGN.md: cases 1-60 / 61-80 of train.list).
+
+    With ``downsample=1`` only ``out/dataset.json`` is written, pointing at the original files (absolute paths;
+    nothing copied). With ``downsample=k > 1`` every volume is resampled by ``1/k`` per axis into ``out/imagesTr``,
+    ``out/labelsTr`` (images: mean of each ``k^3`` block; labels: majority; the affine's spacing times ``k``) for
+    CPU-sized protocols. Files already written are kept (safe to re-run); dataset.json is written last.
+
+    Raises:
+        DataError: bad datalist, or ``num_train`` leaves no test case.
+    """
+    datalist = load_datalist(dataset_dir)
+    training = datalist["training"]
+    if not 0 < int(num_train) < len(training):
+        raise DataError(f"num_train={num_train} must leave test cases: {dataset_dir} has {len(training)} entries.")
+    _require_files(training, ("image", "label"), f"{Path(dataset_dir) / DATASET_JSON}: training")
+    out = Path(out)
+    k = int(downsample)
+    if k < 1:
+        raise ValueError(f"downsample must be a positive integer, got {downsample}.")
+    entries = []
+    for e in training:
+        if k == 1:
+            entries.append({"image": str(Path(e["image"]).resolve()), "label": str(Path(e["label"]).resolve())})
+            continue
+        entry = {}
+        for key, folder in (("image", "imagesTr"), ("label", "labelsTr")):
+            target = out / folder / Path(e[key]).name
+            if not target.is_file():
+                img = nib.load(e[key])
+                arr = np.asanyarray(img.dataobj, dtype=np.float32)
+                small = _block_mean(arr, k)
+                small = (small >= 0.5).astype(np.uint8) if key == "label" else small.astype(np.float32)
+                affine = img.affine.copy()
+                affine[:3, :3] = affine[:3, :3] * k
+                affine[:3, 3] = img.affine[:3, :3] @ np.full(3, (k - 1) / 2.0) + img.affine[:3, 3]
+                write_nifti(small, affine, target)
+            entry[key] = f"{folder}/{target.name}"
+        entries.append(entry)
+    name = datalist.get("name", Path(dataset_dir).name)
+    split = {
+        "name": f"{name} (dev split{'' if k == 1 else f', downsampled x{k}'})",
+        "description": f"training = the first {num_train} cases of {Path(dataset_dir).resolve() / DATASET_JSON}, "
+        f"test = the other {len(training) - num_train}; written by medssl.data.write_dev_split.",
+        "training": entries[:num_train],
+        "test": entries[num_train:],
+    }
+    write_json(split, out / DATASET_JSON)
+    return out
+
+
+def _block_mean(arr: np.ndarray, k: int) -> np.ndarray:
+    """Mean over ``k x k x k`` blocks (trailing voxels that do not fill a block are dropped)."""
+    s = [d // k for d in arr.shape]
+    a = arr[: s[0] * k, : s[1] * k, : s[2] * k]
+    return a.reshape(s[0], k, s[1], k, s[2], k).mean(axis=(1, 3, 5))

@@ -13,7 +13,7 @@ import torch
 from ignite.engine import Engine, Events
 from medssl.data import as_bool, atomic_path
 
-__all__ = ["MetricsTable", "TrainingCheckpoint", "latest_checkpoint"]
+__all__ = ["MetricsTable", "TrainingCheckpoint", "EMATeacher", "latest_checkpoint"]
 
 logger = logging.getLogger("medssl")
 
@@ -134,6 +134,8 @@ class TrainingCheckpoint:
         final_filename: file name of the final weights (None: none written).
         final_key: the ``save_dict`` entry whose weights are the final model.
         resume: load the newest resume checkpoint at start (a fresh start if there is none).
+        final_prefixes: keep only the tensors whose names start with these in the final weights (the SSL bundles
+            pass ``medssl.networks.BACKBONE_PREFIXES`` so their heads stay out of ``model.pt``); None keeps all.
     """
 
     def __init__(
@@ -145,12 +147,14 @@ class TrainingCheckpoint:
         final_filename: Optional[str] = "model.pt",
         final_key: str = "model",
         resume: bool = False,
+        final_prefixes: Optional[Sequence[str]] = None,
     ) -> None:
         if final_filename and final_key not in save_dict:
             raise KeyError(f"TrainingCheckpoint: save_dict has no {final_key!r} entry for the final weights.")
         self.ckpt_dir, self.save_dict, self.save_interval = ckpt_dir, dict(save_dict), int(save_interval)
         self.n_saved, self.final_filename, self.final_key = n_saved, final_filename, final_key
         self.resume = as_bool(resume, "resume")
+        self.final_prefixes = tuple(final_prefixes) if final_prefixes else None
 
     def attach(self, engine: Engine) -> None:
         self.save_dict.setdefault("trainer", engine)
@@ -194,7 +198,45 @@ class TrainingCheckpoint:
         if not _is_rank0():
             return
         weights = {k: v.detach().cpu() for k, v in _unwrap(self.save_dict[self.final_key]).state_dict().items()}
+        if self.final_prefixes:
+            weights = {k: v for k, v in weights.items() if k.startswith(self.final_prefixes)}
         path = os.path.join(self.ckpt_dir, self.final_filename)
         with atomic_path(path) as tmp:
             torch.save(weights, tmp)
         logger.info("saved final weights (iteration %d) to %s", engine.state.iteration, path)
+
+
+class EMATeacher:
+    """Mean-teacher update after every iteration: ``teacher = a * teacher + (1 - a) * student`` on the parameters.
+
+    Tarvainen and Valpola, "Mean teachers are better role models", NeurIPS 2017, with the warm-up of UA-MT
+    (Yu et al., MICCAI 2019): ``a = min(1 - 1 / (step + 1), decay)`` where ``step`` counts the updates done before
+    (0 at the first, so the teacher starts as a copy of the student). Buffers (BatchNorm statistics) are not
+    averaged: as in UA-MT the teacher runs in train mode and keeps its own running statistics.
+
+    Args:
+        student: the trained network (a DDP wrapper is unwrapped).
+        teacher: the EMA network, same architecture.
+        decay: the EMA decay once warmed up (0.99 in UA-MT, DTC, SimCVD).
+    """
+
+    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, decay: float = 0.99) -> None:
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"decay must be in [0, 1), got {decay}.")
+        self.student, self.teacher, self.decay = student, teacher, float(decay)
+        s, t = list(_unwrap(student).parameters()), list(teacher.parameters())
+        if [p.shape for p in s] != [p.shape for p in t]:
+            raise ValueError("EMATeacher: student and teacher parameters differ in number or shape.")
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+
+    @torch.no_grad()
+    def update(self, step: int) -> float:
+        alpha = min(1.0 - 1.0 / (step + 1), self.decay)
+        for t, s in zip(self.teacher.parameters(), _unwrap(self.student).parameters()):
+            t.mul_(alpha).add_(s.detach(), alpha=1.0 - alpha)
+        return alpha
+
+    def __call__(self, engine: Engine) -> None:
+        self.update(engine.state.iteration - 1)

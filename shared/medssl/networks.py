@@ -15,12 +15,13 @@ signed-distance head through :meth:`VNet.encode`, :meth:`VNet.decode` and :meth:
 
 from __future__ import annotations
 
+import copy
 from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
-__all__ = ["VNet", "BACKBONE_PREFIXES", "load_pretrained"]
+__all__ = ["VNet", "BACKBONE_PREFIXES", "HeadsForward", "ema_copy", "backbone_state", "load_pretrained"]
 
 ENCODER_CONVS = (1, 2, 3, 3, 3)
 DECODER_CONVS = (3, 3, 2, 1)
@@ -235,3 +236,34 @@ def load_pretrained(
         if keys:
             logger.info("  %s: %s%s", name, ", ".join(keys[:8]), " ..." if len(keys) > 8 else "")
     return network
+
+
+class HeadsForward(torch.nn.Module):
+    """Adapter whose ``forward`` is ``net.forward_heads``: the student as DDP must wrap it (DDP only syncs
+    gradients of passes through the wrapped module's ``forward``), while ``net`` keeps its one-tensor ``forward``
+    for inference, TorchScript and MONAI tools."""
+
+    def __init__(self, net: torch.nn.Module) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        return self.net.forward_heads(x)
+
+
+def ema_copy(network: torch.nn.Module) -> torch.nn.Module:
+    """A detached copy of ``network`` for a mean teacher: same weights, no gradients, train mode (as UA-MT)."""
+    teacher = copy.deepcopy(network)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher.train()
+
+
+def backbone_state(network: nn.Module) -> Dict[str, torch.Tensor]:
+    """The backbone tensors of a VNet (heads dropped; a DDP ``module.`` prefix removed), on the CPU.
+
+    This is what a bundle's ``models/model.pt`` holds, so every bundle's plain VNet loads it strictly.
+    """
+    if isinstance(network, nn.parallel.DistributedDataParallel):
+        network = network.module
+    return {k: v.detach().cpu() for k, v in network.state_dict().items() if k.startswith(BACKBONE_PREFIXES)}

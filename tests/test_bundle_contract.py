@@ -1,0 +1,239 @@
+"""The bundle contract of DESIGN.md, for every trainable bundle, through ``python -m monai.bundle`` subprocesses:
+metadata, network I/O, properties, train -> evaluate -> inference, TorchScript export, the common override set."""
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from helpers import BUNDLES, TINY, bundle_cmd, configs
+
+from medssl.metrics import case_metrics
+from medssl.networks import VNet
+from medssl.sample_data import sample_data
+
+TRAINABLE = ["la_seg_finetune", "cvrl_semisup"]
+
+
+@pytest.fixture(scope="module")
+def sample_dir(tmp_path_factory):
+    out = sample_data(tmp_path_factory.mktemp("sample"), num_cases=6, shape=(48, 48, 32), num_test=2)
+    d = json.loads((out / "dataset.json").read_text())
+    d["validation"] = d["test"][:1]
+    (out / "dataset.json").write_text(json.dumps(d))
+    return out
+
+
+@pytest.fixture(scope="module", params=TRAINABLE)
+def trained(request, sample_dir, tmp_path_factory):
+    """2 iterations on the sample set (2 labeled of 4), validation every iteration, a checkpoint each one."""
+    name = request.param
+    root = tmp_path_factory.mktemp(name)
+    proc = bundle_cmd(
+        "run",
+        "--config_file",
+        configs(name, "train"),
+        "--bundle_root",
+        root,
+        "--dataset_dir",
+        sample_dir,
+        "--num_labeled",
+        2,
+        "--max_iterations",
+        2,
+        "--val_interval",
+        1,
+        "--save_interval",
+        1,
+        "--batch_size",
+        2,
+        *TINY,
+    )
+    return name, root, proc.stdout
+
+
+@pytest.mark.parametrize("name", TRAINABLE)
+def test_verify_metadata(name, schema_path):
+    proc = bundle_cmd(
+        "verify_metadata", "--meta_file", BUNDLES / name / "configs" / "metadata.json", "--filepath", schema_path
+    )
+    assert "metadata is verified with no error" in proc.stdout
+
+
+@pytest.mark.parametrize("name", TRAINABLE)
+def test_verify_net_in_out(name):
+    proc = bundle_cmd(
+        "verify_net_in_out",
+        "network_def",
+        "--meta_file",
+        BUNDLES / name / "configs" / "metadata.json",
+        "--config_file",
+        configs(name, "inference"),
+        "--n",
+        2,
+        "--device",
+        "cpu",
+    )
+    assert "data shape of network is verified with no error" in proc.stdout
+
+
+@pytest.mark.parametrize("name", TRAINABLE)
+@pytest.mark.parametrize(
+    "names, workflow_type", [(["train"], "train"), (["inference"], "infer"), (["train", "evaluate"], "train")]
+)
+def test_check_properties_empty(name, names, workflow_type, sample_dir, tmp_path):
+    from monai.bundle import ConfigWorkflow
+
+    files = [str(BUNDLES / name / "configs" / f"{n}.json") for n in names]
+    wf = ConfigWorkflow(
+        config_file=files,
+        workflow_type=workflow_type,
+        meta_file=str(BUNDLES / name / "configs" / "metadata.json"),
+        logging_file=str(BUNDLES / name / "configs" / "logging.conf"),
+        dataset_dir=str(sample_dir),
+        bundle_root=str(tmp_path),
+        num_labeled=2,
+        patch_size=[32, 32, 32],
+        num_workers=0,
+    )
+    wf.initialize()
+    assert wf.check_properties() == []
+
+
+@pytest.mark.parametrize("name", TRAINABLE)
+def test_bundle_layout(name):
+    root = BUNDLES / name
+    for f in [
+        "LICENSE",
+        "docs/README.md",
+        "configs/metadata.json",
+        "configs/train.json",
+        "configs/evaluate.json",
+        "configs/inference.json",
+        "configs/multi_gpu_train.json",
+        "configs/logging.conf",
+    ]:
+        assert (root / f).is_file(), f
+    meta = json.loads((root / "configs" / "metadata.json").read_text())
+    assert meta["version"] in meta["changelog"] and "medssl" in meta["required_packages_version"]
+    train = json.loads((root / "configs" / "train.json").read_text())
+    for key in [
+        "dataset_dir",
+        "num_labeled",
+        "patch_size",
+        "batch_size",
+        "max_iterations",
+        "val_interval",
+        "device",
+        "output_dir",
+        "ckpt_dir",
+        "pretrained_ckpt",
+        "resume",
+    ]:
+        assert key in train, f"{name}/train.json lacks the common key {key!r}"
+    readme = (root / "docs" / "README.md").read_text()
+    for section in [
+        "## Description",
+        "## Data",
+        "## Training",
+        "## Performance",
+        "## Usage",
+        "## Limitations",
+        "## References",
+    ]:
+        assert section in readme, f"{name}/docs/README.md lacks {section}"
+
+
+def test_train_outputs(trained):
+    name, root, log = trained
+    models = root / "models"
+    state = torch.load(models / "model.pt", weights_only=True)
+    VNet().load_state_dict(state, strict=True)  # the backbone only: any bundle's plain VNet loads it
+    assert all(v.device.type == "cpu" for v in state.values())
+    assert (models / "model_best.pt").is_file()  # validation on the "validation" list
+    assert sorted(p.name for p in models.glob("checkpoint_*.pt")) == ["checkpoint_1.pt", "checkpoint_2.pt"]
+    assert torch.load(models / "checkpoint_2.pt", weights_only=True)["trainer"]["iteration"] == 2
+    assert log.count("Iter: 2/2 -- ") == 1 and log.count("val_mean_dice") >= 2
+    assert list((root / "eval").glob("events.out.tfevents.*"))  # TensorBoard
+    assert not list(models.glob(".*tmp*"))  # no temporary files left behind
+
+
+def test_evaluate_and_inference_agree_with_independent_metrics(trained, sample_dir):
+    name, root, _ = trained
+    bundle_cmd(
+        "run",
+        "--config_file",
+        configs(name, "train", "evaluate"),
+        "--bundle_root",
+        root,
+        "--dataset_dir",
+        sample_dir,
+        *TINY,
+    )
+    with open(root / "eval" / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["case"] for r in rows] == ["sample_004", "sample_005", "mean", "std", "n_nan"]
+    bundle_cmd(
+        "run", "--config_file", configs(name, "inference"), "--bundle_root", root, "--dataset_dir", sample_dir, *TINY
+    )
+    for row in rows[:2]:
+        image = nib.load(sample_dir / "imagesTr" / f"{row['case']}.nii.gz")
+        pred = nib.load(root / "eval" / f"{row['case']}_seg.nii.gz")
+        assert pred.shape == image.shape and pred.get_data_dtype() == np.uint8
+        np.testing.assert_allclose(pred.affine, image.affine)
+        assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1}
+        label = np.asarray(nib.load(sample_dir / "labelsTr" / f"{row['case']}.nii.gz").dataobj)
+        for k, v in case_metrics(np.asarray(pred.dataobj), label).items():
+            assert float(row[k]) == pytest.approx(v, abs=1e-5, nan_ok=True), (row["case"], k)
+    assert float(rows[2]["dice"]) == pytest.approx(np.mean([float(r["dice"]) for r in rows[:2]]), abs=1e-5)
+
+
+def test_ckpt_export_torchscript_equals_eager(trained, tmp_path):
+    name, root, _ = trained
+    ts = tmp_path / "model.ts"
+    bundle_cmd(
+        "ckpt_export",
+        "network_def",
+        "--filepath",
+        ts,
+        "--ckpt_file",
+        root / "models" / "model.pt",
+        "--meta_file",
+        BUNDLES / name / "configs" / "metadata.json",
+        "--config_file",
+        configs(name, "inference"),
+        "--bundle_root",
+        root,
+    )
+    scripted = torch.jit.load(str(ts))
+    eager = VNet().eval()
+    eager.load_state_dict(torch.load(root / "models" / "model.pt", weights_only=True))
+    x = torch.randn(1, 1, 32, 48, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), eager(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", TRAINABLE)
+def test_common_override_set_on_real_la(name, la_dir, tmp_path):
+    """The foundation issue's override set works for every train.json (bundle_root moved to tmp)."""
+    proc = bundle_cmd(
+        "run",
+        "--config_file",
+        f"bundles/{name}/configs/train.json",
+        "--dataset_dir",
+        la_dir,
+        "--num_labeled",
+        16,
+        "--patch_size",
+        "[32,32,32]",
+        "--max_iterations",
+        2,
+        "--val_interval",
+        1,
+        "--bundle_root",
+        tmp_path,
+    )
+    assert (tmp_path / "models" / "model.pt").is_file()
+    assert "Iter: 2/2" in proc.stdout
