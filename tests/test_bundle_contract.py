@@ -14,7 +14,7 @@ from medssl.metrics import case_metrics
 from medssl.networks import VNet
 from medssl.sample_data import sample_data
 
-TRAINABLE = ["la_seg_finetune", "cvrl_semisup"]
+TRAINABLE = ["la_seg_finetune", "cvrl_semisup", "simcvd_distill"]
 
 
 @pytest.fixture(scope="module")

@@ -119,3 +119,90 @@ def test_cvrl_objective_terms_and_gradients():
     assert all(p.grad is None for p in teacher.parameters())
     with pytest.raises(ValueError, match="needs a teacher"):
         objective(HeadsForward(student), None, image_l, label_l, image_u, iteration=0)
+
+
+def test_pairwise_similarity_distillation_hand_computed():
+    from medssl.losses import PairwiseSimilarityDistillationLoss
+
+    loss = PairwiseSimilarityDistillationLoss(temperature=0.5)
+    student = _one_hot_embeddings(1, 2, 2)  # voxel 0 = e1, voxel 1 = e2: similarities [[1, 0], [0, 1]]
+    teacher = torch.tensor([[1.0, 1.0], [0.0, 0.0]]).reshape(1, 2, 2, 1, 1)  # both voxels e1: all similarities 1
+    index = torch.tensor([[0, 1]])
+    p_s = torch.tensor([math.exp(2), 1.0]) / (math.exp(2) + 1)  # a student row: softmax of (1/0.5, 0)
+    kl_row = float((0.5 * (torch.log(torch.tensor(0.5)) - torch.log(p_s))).sum())  # teacher row is (0.5, 0.5)
+    assert float(loss(student, teacher, index)) == pytest.approx(kl_row, rel=1e-5)
+    assert float(loss(teacher, teacher, index)) == pytest.approx(0.0, abs=1e-7)  # same structure: nothing to learn
+
+
+def test_boundary_aware_contrast():
+    from medssl.losses import BoundaryAwareContrastLoss
+
+    loss = BoundaryAwareContrastLoss(temperature=0.1, num_voxels=4)
+    e = _one_hot_embeddings(1, 4, 4)
+    # with one-hot views the symmetric InfoNCE equals the one-directional value
+    assert float(loss(e, e, index=torch.arange(4)[None])) == pytest.approx(math.log(1 + 3 * math.exp(-10)), abs=1e-6)
+    # sampling follows the boundary: an SDM whose boundary band is 10 voxels of 1000
+    torch.manual_seed(0)
+    sdm = torch.ones(1, 1, 1000, 1, 1)
+    sdm[0, 0, :10] = 0.0
+    picked = []
+
+    def spy(view1, view2, num, index):
+        picked.append(index)
+        return (
+            view1.flatten(2).transpose(1, 2)[:, : index.shape[1]],
+            view2.flatten(2).transpose(1, 2)[:, : index.shape[1]],
+        )
+
+    import medssl.losses as losses
+
+    real = losses._sample_voxels
+    losses._sample_voxels = lambda q, k, n, index: (spy(q, k, n, index), real(q, k, n, index))[1]
+    try:
+        BoundaryAwareContrastLoss(num_voxels=8, band=0.05)(
+            torch.randn(1, 3, 1000, 1, 1), torch.randn(1, 3, 1000, 1, 1), sdm=sdm
+        )
+    finally:
+        losses._sample_voxels = real
+    assert (picked[0] < 10).float().mean() >= 0.99  # exp(-1/0.05) makes a far voxel ~5e8 times less likely
+    with pytest.raises(ValueError, match="give the signed distance map"):
+        loss(e, e)
+
+
+def test_simcvd_objective_terms_and_gradients():
+    from medssl.losses import SimCVDLoss
+    from medssl.transforms import signed_distance_map
+
+    torch.manual_seed(0)
+    student = VNet(sdm_head=True, proj_dim=8)
+    teacher = ema_copy(student)
+    objective = SimCVDLoss(dim=8, num_voxels=16, rampup_iterations=100)
+    image_l, image_u = torch.randn(2, 1, 16, 16, 16), torch.randn(2, 1, 16, 16, 16)
+    label_l = (torch.rand(2, 1, 16, 16, 16) > 0.7).float()
+    sdm = torch.stack([torch.as_tensor(signed_distance_map(lab[0].numpy()))[None] for lab in label_l])
+    out = objective(HeadsForward(student), teacher.forward_heads, image_l, label_l, image_u, iteration=50, sdm=sdm)
+    assert set(out) == {
+        "loss",
+        "pred",
+        "loss_seg",
+        "loss_sdm",
+        "loss_contrast",
+        "loss_distill",
+        "loss_consistency",
+        "weight_rampup",
+    }
+    w = math.exp(-5 * 0.25)
+    expected = (
+        out["loss_seg"]
+        + 0.3 * out["loss_sdm"]
+        + w * 0.1 * (out["loss_contrast"] + out["loss_distill"] + out["loss_consistency"])
+    )
+    assert float(out["loss"].detach()) == pytest.approx(float(expected.detach()), rel=1e-6)
+    out["loss"].backward()
+    assert all(p.grad is not None for p in student.sdm_conv.parameters())
+    assert all(p.grad is not None for p in student.proj_head.parameters())
+    with pytest.raises(ValueError, match="needs the labeled batch's 'sdm'"):
+        objective(HeadsForward(student), teacher.forward_heads, image_l, label_l, image_u, iteration=0)
+    with pytest.raises(ValueError, match="sdm_head=True and proj_dim > 0"):
+        plain = VNet()
+        objective(HeadsForward(plain), ema_copy(plain).forward_heads, image_l, label_l, image_u, 0, sdm=sdm)

@@ -4,7 +4,8 @@ The semi-supervised LA papers (UA-MT, DTC, MC-Net, CVRL, SimCVD) share one loop:
 batch and an unlabeled batch (2 + 2 volumes), runs a student and a mean teacher, and sums a supervised loss on
 the labeled half with unsupervised terms on the unlabeled half. :class:`SemiSupervisedTrainer` is that loop, once;
 a method is only its objective (``medssl.losses.CVRLLoss``, ``medssl.losses.SimCVDLoss``): a module called as
-``objective(student, teacher, image_l, label_l, image_u, iteration)`` that returns a dict with ``"loss"`` (to
+``objective(student, teacher, image_l, label_l, image_u, iteration, **extras)`` (``extras``: the labeled batch's
+other tensors, such as ``sdm``) that returns a dict with ``"loss"`` (to
 minimise), ``"pred"`` (the student's logits on the labeled batch) and scalars to log (``"loss_*"`` terms,
 ``"weight_*"`` schedule values).
 """
@@ -91,12 +92,20 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             raise ValueError("Must provide batch data for current iteration.")
         image_l, label_l = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking)[:2]
         image_u = engine._next_unlabeled()
+        # other tensors of the labeled batch (e.g. the label's signed distance map) go to the objective by name
+        extras = {
+            str(k): v.to(engine.state.device, non_blocking=engine.non_blocking)
+            for k, v in batchdata.items()
+            if k not in (Keys.IMAGE, Keys.LABEL) and isinstance(v, torch.Tensor)
+        }
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         teacher_fn = engine.teacher.forward_heads if engine.teacher is not None else None
 
         def _objective() -> Dict[str, torch.Tensor]:
-            out = engine.loss_function(engine.network, teacher_fn, image_l, label_l, image_u, engine.state.iteration)
+            out = engine.loss_function(
+                engine.network, teacher_fn, image_l, label_l, image_u, engine.state.iteration, **extras
+            )
             engine.fire_event(IterationEvents.FORWARD_COMPLETED)
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
             return out
