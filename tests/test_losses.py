@@ -206,3 +206,87 @@ def test_simcvd_objective_terms_and_gradients():
     with pytest.raises(ValueError, match="sdm_head=True and proj_dim > 0"):
         plain = VNet()
         objective(HeadsForward(plain), ema_copy(plain).forward_heads, image_l, label_l, image_u, 0, sdm=sdm)
+
+
+def test_queue_infonce_hand_computed_and_queue():
+    from medssl.losses import QueueInfoNCELoss
+
+    loss = QueueInfoNCELoss(dim=2, queue_size=2, temperature=0.5)
+    loss.queue.copy_(torch.tensor([[0.0, 1.0], [-1.0, 0.0]]))
+    q = torch.tensor([[3.0, 0.0]])  # normalised inside: e1
+    k = torch.tensor([[1.0, 0.0]])
+    # logits (1, 0, -1) / 0.5
+    expected = -math.log(math.exp(2) / (math.exp(2) + 1 + math.exp(-2)))
+    assert float(loss(q, k)) == pytest.approx(expected, rel=1e-6)
+    torch.testing.assert_close(loss.queue, torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))  # the key replaced slot 0
+    assert int(loss.queue_ptr) == 1
+    loss.eval()
+    loss(q, k)
+    assert int(loss.queue_ptr) == 1  # evaluation does not enqueue
+    with pytest.raises(ValueError, match=r"must be \[B, 2\]"):
+        loss(torch.zeros(1, 3), torch.zeros(1, 3))
+
+
+def test_split_bn_encode_keeps_order_and_splits_statistics():
+    from medssl.losses import _split_bn_encode
+
+    torch.manual_seed(0)
+    net = VNet(dropout=0).train()
+    x = torch.randn(4, 1, 16, 16, 16)
+    feats = _split_bn_encode(net, x, splits=2, generator=torch.Generator().manual_seed(3))
+    perm = torch.randperm(4, generator=torch.Generator().manual_seed(3))
+    first, second = net.encode(x[perm[:2]]), net.encode(x[perm[2:]])
+    for level, f in enumerate(feats):
+        expected = torch.empty_like(f)
+        expected[perm[:2]], expected[perm[2:]] = first[level], second[level]
+        torch.testing.assert_close(f, expected)  # each half normalised with its own statistics, original order
+    whole = net.encode(x)
+    assert not torch.allclose(feats[0], whole[0])  # ... which differ from the whole batch's (the query's)
+
+
+def test_pcrl_objective_targets():
+    """With hybrid and mixup weights pinned, every reconstruction term equals the MSE to its documented target."""
+    from medssl.losses import PCRLLoss
+    from medssl.networks import PCRLForward, PCRLNet
+
+    torch.manual_seed(0)
+    net = PCRLNet()
+    teacher = ema_copy(net)
+    shape = (2, 1, 16, 16, 16)
+    batch = {k: torch.randn(shape) for k in ["view1", "view2", "gt1", "gt2", "target1", "target2"]}
+    code = torch.zeros(2, 7)
+    code[:, 3] = 1
+    batch["target1_code"] = batch["target2_code"] = code
+    objective = PCRLLoss(dim=128, queue_size=8, bn_splits=1)
+    captured = {}
+
+    def student(*args):
+        out = PCRLForward(net)(*args)
+        captured.update(out, alpha1=args[6], alpha2=args[7], mixed_view1=args[1])
+        return out
+
+    out = objective(student, teacher, batch, iteration=1)
+    a1, a2 = captured["alpha1"], captured["alpha2"]
+    assert 0.5 <= a1 <= 1 and 0.5 <= a2 <= 1
+    mse = torch.nn.functional.mse_loss
+    assert float(out["loss_recon"]) == pytest.approx(float(mse(captured["recon"], batch["target1"])), rel=1e-5)
+    hybrid_target = a1 * batch["target1"] + (1 - a1) * batch["target2"]
+    assert float(out["loss_recon_hybrid"]) == pytest.approx(
+        float(mse(captured["recon_hybrid"], hybrid_target)), rel=1e-5
+    )
+    # the mixed view 1 is lam * view1 + (1 - lam) * view1[perm] for some lam >= 0.5 and permutation of 2
+    mv = captured["mixed_view1"]
+    v = batch["view1"]
+    lam_candidates = [(mv - v[[1, 0]]).flatten() @ (v - v[[1, 0]]).flatten() / ((v - v[[1, 0]]) ** 2).sum()]
+    lam = float(lam_candidates[0])
+    if 0.5 <= lam <= 1 and torch.allclose(mv, lam * v + (1 - lam) * v[[1, 0]], atol=1e-5):
+        mixed_gt1 = lam * batch["gt1"] + (1 - lam) * batch["gt1"][[1, 0]]
+    else:  # the identity permutation: no mixing
+        mixed_gt1 = batch["gt1"]
+    assert float(out["loss_recon_mixed"]) == pytest.approx(float(mse(captured["recon_mixed"], mixed_gt1)), rel=1e-4)
+    total = (
+        out["loss_contrast"]
+        + (out["loss_recon"] + out["loss_recon_mixed"] + out["loss_recon_hybrid"] + out["loss_recon_mixed_hybrid"]) / 4
+    )
+    assert float(out["loss"]) == pytest.approx(float(total), rel=1e-6)
+    assert int(objective.contrast.queue_ptr) == (3 * 2) % 8  # three contrasts enqueue their keys (official)

@@ -1,36 +1,74 @@
-"""Semi-supervised training on MONAI/ignite: two data streams, a student, an EMA teacher, a method's objective.
+"""Training loops on MONAI/ignite for methods that are an objective, not a ``loss(pred, label)``.
 
 The semi-supervised LA papers (UA-MT, DTC, MC-Net, CVRL, SimCVD) share one loop: every iteration draws a labeled
 batch and an unlabeled batch (2 + 2 volumes), runs a student and a mean teacher, and sums a supervised loss on
 the labeled half with unsupervised terms on the unlabeled half. :class:`SemiSupervisedTrainer` is that loop, once;
 a method is only its objective (``medssl.losses.CVRLLoss``, ``medssl.losses.SimCVDLoss``): a module called as
 ``objective(student, teacher, image_l, label_l, image_u, iteration, **extras)`` (``extras``: the labeled batch's
-other tensors, such as ``sdm``) that returns a dict with ``"loss"`` (to
-minimise), ``"pred"`` (the student's logits on the labeled batch) and scalars to log (``"loss_*"`` terms,
-``"weight_*"`` schedule values).
+other tensors, such as ``sdm``) that returns a dict with ``"loss"`` (to minimise), ``"pred"`` (the student's
+logits on the labeled batch) and scalars to log (``"loss_*"`` terms, ``"weight_*"`` schedule values).
+
+Self-supervised pre-training (PCRL) has one stream of unlabeled batches: :class:`SelfSupervisedTrainer` calls
+``objective(student, teacher, batch, iteration)`` with the whole batch dict and logs the same way.
+
+Both are ``monai.engines.SupervisedTrainer`` subclasses, so MONAI/ignite handlers (StatsHandler, TensorBoard,
+checkpoints, ValidationHandler, LrScheduleHandler, MLflow) attach as usual and ``epoch_length`` counts iterations.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterator, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, Iterator, Optional, Sequence
 
 import torch
 from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
-from torch.utils.data import DataLoader
 
-__all__ = ["SemiSupervisedTrainer"]
+__all__ = ["SemiSupervisedTrainer", "SelfSupervisedTrainer"]
 
 
-class SemiSupervisedTrainer(SupervisedTrainer):
+class _ObjectiveTrainer(SupervisedTrainer):
+    """A ``SupervisedTrainer`` whose iteration minimises ``terms["loss"]`` of an objective (see the module doc)."""
+
+    def __init__(self, teacher: Optional[torch.nn.Module] = None, **kwargs: Any) -> None:
+        super().__init__(decollate=False, **kwargs)
+        self.teacher = teacher
+
+    def _optimize(self, engine: "_ObjectiveTrainer", compute: Callable[[], Dict[str, torch.Tensor]]) -> Dict:
+        """Zero grads, run ``compute`` (under autocast with AMP), back-propagate ``loss``, step; fire MONAI's events."""
+        engine.network.train()
+        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
+
+        def _compute() -> Dict[str, torch.Tensor]:
+            out = compute()
+            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+            engine.fire_event(IterationEvents.LOSS_COMPLETED)
+            return out
+
+        if engine.amp and engine.scaler is not None:
+            with torch.autocast("cuda", **engine.amp_kwargs):
+                terms = _compute()
+            engine.scaler.scale(terms["loss"]).backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.scaler.step(engine.optimizer)
+            engine.scaler.update()
+        else:
+            terms = _compute()
+            terms["loss"].backward()
+            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+            engine.optimizer.step()
+        engine.fire_event(IterationEvents.MODEL_COMPLETED)
+        return {k: torch.as_tensor(v).detach() for k, v in terms.items() if k != Keys.PRED}
+
+
+class SemiSupervisedTrainer(_ObjectiveTrainer):
     """A ``SupervisedTrainer`` that also draws an unlabeled batch every iteration and trains with an objective.
 
     ``train_data_loader`` yields the labeled batches (``{"image", "label"}``), ``unlabeled_data_loader`` the
     unlabeled ones (``{"image"}`` only: no label is loaded or read for them); both should be endless (see
-    :class:`medssl.data.InfiniteSampler`), so the labeled set cycles and ``epoch_length`` counts iterations. All
-    MONAI/ignite handlers work as with ``SupervisedTrainer``; ``engine.state.output`` holds ``image``/``label``/
-    ``pred`` of the labeled batch, ``loss`` and the objective's other scalars (``loss_*`` terms, ``weight_*``).
+    :class:`medssl.data.InfiniteSampler`), so the labeled set cycles and ``epoch_length`` counts iterations.
+    ``engine.state.output`` holds ``image``/``label``/``pred`` of the labeled batch, ``loss`` and the objective's
+    other scalars (``loss_*`` terms, ``weight_*``).
 
     Args:
         unlabeled_data_loader: loader of unlabeled batches.
@@ -46,8 +84,8 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         self,
         device: torch.device | str,
         max_epochs: int,
-        train_data_loader: DataLoader,
-        unlabeled_data_loader: DataLoader,
+        train_data_loader: Iterable,
+        unlabeled_data_loader: Iterable,
         network: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         loss_function: Callable,
@@ -58,6 +96,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(
+            teacher=teacher,
             device=device,
             max_epochs=max_epochs,
             train_data_loader=train_data_loader,
@@ -67,11 +106,9 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             epoch_length=epoch_length,
             train_handlers=train_handlers,
             amp=amp,
-            decollate=False,
             **kwargs,
         )
         self.unlabeled_data_loader = unlabeled_data_loader
-        self.teacher = teacher
         self._unlabeled: Optional[Iterator] = None
 
     def _next_unlabeled(self) -> torch.Tensor:
@@ -84,8 +121,7 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             batch = next(self._unlabeled)
         if Keys.IMAGE not in batch:
             raise ValueError(f"unlabeled batch has no {str(Keys.IMAGE)!r} key; keys: {sorted(map(str, batch))}")
-        image = batch[Keys.IMAGE]
-        return image.to(self.state.device, non_blocking=self.non_blocking)
+        return batch[Keys.IMAGE].to(self.state.device, non_blocking=self.non_blocking)
 
     def _iteration(self, engine: "SemiSupervisedTrainer", batchdata: Dict[str, torch.Tensor]) -> Dict:
         if batchdata is None:
@@ -98,31 +134,40 @@ class SemiSupervisedTrainer(SupervisedTrainer):
             for k, v in batchdata.items()
             if k not in (Keys.IMAGE, Keys.LABEL) and isinstance(v, torch.Tensor)
         }
-        engine.network.train()
-        engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         teacher_fn = engine.teacher.forward_heads if engine.teacher is not None else None
+        pred: Dict[str, torch.Tensor] = {}
 
-        def _objective() -> Dict[str, torch.Tensor]:
+        def compute() -> Dict[str, torch.Tensor]:
             out = engine.loss_function(
                 engine.network, teacher_fn, image_l, label_l, image_u, engine.state.iteration, **extras
             )
-            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            engine.fire_event(IterationEvents.LOSS_COMPLETED)
+            pred[Keys.PRED] = out[Keys.PRED].detach()
             return out
 
-        if engine.amp and engine.scaler is not None:
-            with torch.autocast("cuda", **engine.amp_kwargs):
-                terms = _objective()
-            engine.scaler.scale(terms["loss"]).backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.scaler.step(engine.optimizer)
-            engine.scaler.update()
-        else:
-            terms = _objective()
-            terms["loss"].backward()
-            engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
-            engine.optimizer.step()
-        engine.fire_event(IterationEvents.MODEL_COMPLETED)
-        engine.state.output = {Keys.IMAGE: image_l, Keys.LABEL: label_l, Keys.PRED: terms["pred"].detach()}
-        engine.state.output.update({k: torch.as_tensor(v).detach() for k, v in terms.items() if k != "pred"})
+        terms = engine._optimize(engine, compute)
+        engine.state.output = {Keys.IMAGE: image_l, Keys.LABEL: label_l, **pred, **terms}
+        return engine.state.output
+
+
+class SelfSupervisedTrainer(_ObjectiveTrainer):
+    """A ``SupervisedTrainer`` for self-supervised pre-training: one stream of unlabeled batches (any keys: the
+    views, targets and codes a method's transforms produce), trained with ``objective(student, teacher, batch,
+    iteration)`` returning ``{"loss", ...}``. ``engine.state.output`` holds ``loss`` and the other scalars.
+
+    Args:
+        teacher: a momentum / EMA encoder (updated by :class:`medssl.handlers.EMATeacher`), or None.
+        other args: as :class:`monai.engines.SupervisedTrainer` (``train_data_loader`` yields the unlabeled batches).
+    """
+
+    def _iteration(self, engine: "SelfSupervisedTrainer", batchdata: Dict[str, torch.Tensor]) -> Dict:
+        if batchdata is None:
+            raise ValueError("Must provide batch data for current iteration.")
+        batch = {
+            str(k): v.to(engine.state.device, non_blocking=engine.non_blocking) if isinstance(v, torch.Tensor) else v
+            for k, v in batchdata.items()
+        }
+        terms = engine._optimize(
+            engine, lambda: engine.loss_function(engine.network, engine.teacher, batch, engine.state.iteration)
+        )
+        engine.state.output = terms
         return engine.state.output

@@ -217,13 +217,17 @@ class EMATeacher:
     Args:
         student: the trained network (a DDP wrapper is unwrapped).
         teacher: the EMA network, same architecture.
-        decay: the EMA decay once warmed up (0.99 in UA-MT, DTC, SimCVD).
+        decay: the EMA decay once warmed up (0.99 in UA-MT, DTC, SimCVD; 0.999 in PCRL's momentum encoder).
+        warmup: use UA-MT's warm-up; False applies ``decay`` from the first step (PCRL / MoCo, whose key encoder
+            starts as a copy of the student).
     """
 
-    def __init__(self, student: torch.nn.Module, teacher: torch.nn.Module, decay: float = 0.99) -> None:
+    def __init__(
+        self, student: torch.nn.Module, teacher: torch.nn.Module, decay: float = 0.99, warmup: bool = True
+    ) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"decay must be in [0, 1), got {decay}.")
-        self.student, self.teacher, self.decay = student, teacher, float(decay)
+        self.student, self.teacher, self.decay, self.warmup = student, teacher, float(decay), as_bool(warmup)
         s, t = list(_unwrap(student).parameters()), list(teacher.parameters())
         if [p.shape for p in s] != [p.shape for p in t]:
             raise ValueError("EMATeacher: student and teacher parameters differ in number or shape.")
@@ -233,7 +237,7 @@ class EMATeacher:
 
     @torch.no_grad()
     def update(self, step: int) -> float:
-        alpha = min(1.0 - 1.0 / (step + 1), self.decay)
+        alpha = min(1.0 - 1.0 / (step + 1), self.decay) if self.warmup else self.decay
         for t, s in zip(self.teacher.parameters(), _unwrap(self.student).parameters()):
             t.mul_(alpha).add_(s.detach(), alpha=1.0 - alpha)
         return alpha

@@ -16,12 +16,21 @@ signed-distance head through :meth:`VNet.encode`, :meth:`VNet.decode` and :meth:
 from __future__ import annotations
 
 import copy
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
 
-__all__ = ["VNet", "BACKBONE_PREFIXES", "HeadsForward", "ema_copy", "backbone_state", "load_pretrained"]
+__all__ = [
+    "VNet",
+    "PCRLNet",
+    "BACKBONE_PREFIXES",
+    "HeadsForward",
+    "PCRLForward",
+    "ema_copy",
+    "backbone_state",
+    "load_pretrained",
+]
 
 ENCODER_CONVS = (1, 2, 3, 3, 3)
 DECODER_CONVS = (3, 3, 2, 1)
@@ -120,6 +129,7 @@ class VNet(nn.Module):
     ) -> None:
         super().__init__()
         widths = [n_filters * 2**i for i in range(len(ENCODER_CONVS))]
+        self.widths = widths
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.encoder = nn.ModuleList([_conv_stage(ENCODER_CONVS[0], in_channels, widths[0], norm)])
@@ -267,3 +277,119 @@ def backbone_state(network: nn.Module) -> Dict[str, torch.Tensor]:
     if isinstance(network, nn.parallel.DistributedDataParallel):
         network = network.module
     return {k: v.detach().cpu() for k, v in network.state_dict().items() if k.startswith(BACKBONE_PREFIXES)}
+
+
+class PCRLNet(VNet):
+    """The VNet with the heads of PCRL pre-training; its ``forward`` reconstructs the input.
+
+    Zhou et al., "Preservational Learning Improves Self-supervised Medical Image Models by Reconstructing Diverse
+    Contexts", ICCV 2021. Being a :class:`VNet`, its state dict holds every backbone tensor under the VNet's own
+    names (so ``pretrained_ckpt`` of the other bundles matches all of them), plus the PCRL heads under ``pcrl_*``:
+
+    - ``pcrl_proj``: global average pool of the bottleneck, Linear(C, hidden)-ReLU-Linear(hidden, proj_dim), the
+      contrastive embedding (normalised by the loss);
+    - ``pcrl_attention``: transformation-conditioned attention, Linear(code_dim, att_hidden)-ReLU-Linear(att_hidden,
+      C)-Sigmoid of the 7-d spatial code, multiplied channel-wise into the bottleneck before decoding;
+    - ``pcrl_recon``: 1x1x1 convolution from the last decoder features to the image channels (linear: the LA data
+      is z-scored, where the official code's sigmoid output suits [0, 1] CT).
+
+    ``forward(x)`` is the reconstruction under the identity transform (code ``[0, 0, 0, 1, 0, 0, 0]``): what
+    ``inference.json``, ``verify_net_in_out`` and TorchScript export use. Training calls :meth:`pcrl_forward`.
+
+    Args:
+        in_channels, out_channels, n_filters, norm, dropout: as :class:`VNet` (dropout 0 by default: the
+            reconstruction needs the whole bottleneck, and the official 3D U-Net has none).
+        proj_dim: contrastive embedding size (128).
+        hidden: projection hidden size (128).
+        code_dim: spatial-transform code size (7: three flip bits, one-hot rot90 k).
+        att_hidden: attention hidden size (256).
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 1,
+        out_channels: int = 2,
+        n_filters: int = 16,
+        norm: str = "batch",
+        dropout: float = 0.0,
+        proj_dim: int = 128,
+        hidden: int = 128,
+        code_dim: int = 7,
+        att_hidden: int = 256,
+    ) -> None:
+        super().__init__(in_channels, out_channels, n_filters, norm, dropout)
+        c = self.widths[-1]
+        self.pcrl_proj = nn.Sequential(nn.Linear(c, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, proj_dim))
+        self.pcrl_attention = nn.Sequential(
+            nn.Linear(code_dim, att_hidden), nn.ReLU(inplace=True), nn.Linear(att_hidden, c), nn.Sigmoid()
+        )
+        self.pcrl_recon = nn.Conv3d(n_filters, in_channels, kernel_size=1)
+        identity = torch.zeros(code_dim)
+        identity[3] = 1.0  # no flips, rot90 k = 0
+        self.register_buffer("identity_code", identity, persistent=False)
+
+    def embed(self, bottleneck: torch.Tensor) -> torch.Tensor:
+        """Contrastive embedding ``[B, proj_dim]`` of bottleneck features ``[B, C, h, w, d]`` (not normalised)."""
+        return self.pcrl_proj(bottleneck.mean(dim=(2, 3, 4)))
+
+    def attend(self, bottleneck: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+        """Bottleneck features re-weighted channel-wise by the attention of the spatial codes ``[B, code_dim]``."""
+        return bottleneck * self.pcrl_attention(code)[:, :, None, None, None]
+
+    def reconstruct(self, features: List[torch.Tensor]) -> torch.Tensor:
+        """Image ``[B, in_channels, H, W, D]`` decoded from encoder features (bottleneck already conditioned)."""
+        return self.pcrl_recon(self.decode(features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.encode(x)
+        code = self.identity_code.unsqueeze(0).expand(x.shape[0], -1)
+        features[-1] = self.attend(features[-1], code)
+        return self.reconstruct(features)
+
+    def pcrl_forward(
+        self,
+        view1: torch.Tensor,
+        mixed_view1: torch.Tensor,
+        key_features: List[torch.Tensor],
+        mixed_key_features: List[torch.Tensor],
+        code1: torch.Tensor,
+        code2: torch.Tensor,
+        alpha1: float,
+        alpha2: float,
+    ) -> Dict[str, torch.Tensor]:
+        """The student's part of one PCRL iteration (one call, so DDP sees a single forward per backward).
+
+        Given the key encoder's features of view 2 and of the mixed view 2 (computed without gradient by the
+        objective), returns the student's embeddings of view 1 and of the mixed view 1 and the four
+        reconstructions: plain (view 1 conditioned on ``code1``), hybrid (student and key features mixed by
+        ``alpha1``, bottlenecks conditioned on ``code1`` / ``code2``), mixup (mixed view 1, unconditioned) and
+        mixed-hybrid (mixed student and key features by ``alpha2``, unconditioned), as in the official code.
+        """
+        q = self.encode(view1)
+        q_bottleneck = self.attend(q[-1], code1)
+        k_bottleneck = self.attend(key_features[-1], code2)
+        plain = self.reconstruct(q[:-1] + [q_bottleneck])
+        hybrid_feats = [alpha1 * a + (1 - alpha1) * b for a, b in zip(q[:-1], key_features[:-1])]
+        hybrid = self.reconstruct(hybrid_feats + [alpha1 * q_bottleneck + (1 - alpha1) * k_bottleneck])
+        mq = self.encode(mixed_view1)
+        mixed = self.reconstruct(mq)
+        mixed_hybrid = self.reconstruct([alpha2 * a + (1 - alpha2) * b for a, b in zip(mq, mixed_key_features)])
+        return {
+            "embedding": self.embed(q[-1]),
+            "mixed_embedding": self.embed(mq[-1]),
+            "recon": plain,
+            "recon_hybrid": hybrid,
+            "recon_mixed": mixed,
+            "recon_mixed_hybrid": mixed_hybrid,
+        }
+
+
+class PCRLForward(torch.nn.Module):
+    """Adapter whose ``forward`` is ``net.pcrl_forward``, for DDP to wrap (see :class:`HeadsForward`)."""
+
+    def __init__(self, net: PCRLNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, *args: Any) -> Dict[str, torch.Tensor]:
+        return self.net.pcrl_forward(*args)
