@@ -237,3 +237,47 @@ def test_common_override_set_on_real_la(name, la_dir, tmp_path):
     )
     assert (tmp_path / "models" / "model.pt").is_file()
     assert "Iter: 2/2" in proc.stdout
+
+
+@pytest.mark.parametrize("name", TRAINABLE + ["pcrl_pretrain"])
+def test_torchrun_two_cpu_processes(name, sample_dir, tmp_path):
+    """multi_gpu_train.json under torchrun with 2 CPU processes (gloo): both ranks train, rank 0 alone writes."""
+    import re
+    import subprocess
+    import sys
+
+    from helpers import REPO
+
+    extra = ["--queue_size", "64"] if name == "pcrl_pretrain" else ["--num_labeled", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        configs(name, "train", "multi_gpu_train"),
+        "--bundle_root",
+        str(tmp_path),
+        "--dataset_dir",
+        str(sample_dir),
+        "--max_iterations",
+        "3",
+        "--save_interval",
+        "2",
+        "--batch_size",
+        "1",
+        *map(str, TINY + extra),
+    ]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600, env=env
+    )
+    assert proc.returncode == 0, proc.stdout[-5000:]
+    assert proc.stdout.count("Engine run finished") == 2  # both ranks ran to the end
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["checkpoint_2.pt", "model.pt"]
+    writers = {p.name.split(".")[4] for p in (tmp_path / "eval").glob("events.out.tfevents.*")}
+    assert len(writers) == 1  # one process wrote TensorBoard logs
+    assert len(re.findall(r"Iter: 3/3 -- ", proc.stdout)) == 1  # one process logged

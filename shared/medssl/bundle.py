@@ -8,7 +8,7 @@ from typing import Any, Optional, Sequence
 
 __all__ = ["bundle_path", "run_bundle", "BUNDLE_NAMES"]
 
-BUNDLE_NAMES = ("la_seg_finetune", "cvrl_semisup", "simcvd_distill")
+BUNDLE_NAMES = ("la_seg_finetune", "cvrl_semisup", "simcvd_distill", "pcrl_pretrain")
 
 
 def bundle_path(name: str, bundles_dir: Optional[os.PathLike | str] = None) -> Path:
