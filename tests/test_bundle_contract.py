@@ -281,3 +281,40 @@ def test_torchrun_two_cpu_processes(name, sample_dir, tmp_path):
     writers = {p.name.split(".")[4] for p in (tmp_path / "eval").glob("events.out.tfevents.*")}
     assert len(writers) == 1  # one process wrote TensorBoard logs
     assert len(re.findall(r"Iter: 3/3 -- ", proc.stdout)) == 1  # one process logged
+
+
+@pytest.mark.parametrize("name", TRAINABLE + ["pcrl_pretrain"])
+def test_tracking_mlflow_sqlite(name, sample_dir, tmp_path):
+    """`--tracking mlflow` with a local SQLite store: a finished run with the per-iteration loss and the config."""
+    mlflow = pytest.importorskip("mlflow", reason="mlflow is the 'tracking' extra (installed by the test extra)")
+    db = tmp_path / "mlflow.db"
+    extra = ["--queue_size", "64", "--batch_size", "2"] if name == "pcrl_pretrain" else ["--num_labeled", "2"]
+    bundle_cmd(
+        "run",
+        "--config_file",
+        configs(name, "train"),
+        "--bundle_root",
+        tmp_path,
+        "--dataset_dir",
+        sample_dir,
+        "--max_iterations",
+        2,
+        "--tracking",
+        "mlflow",
+        "--tracking_uri",
+        f"sqlite:///{db}",
+        "--experiment_name",
+        f"medssl_{name}",
+        *TINY,
+        *extra,
+    )
+    client = mlflow.MlflowClient(f"sqlite:///{db}")
+    experiment = client.get_experiment_by_name(f"medssl_{name}")
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FINISHED"
+    history = client.get_metric_history(run.info.run_id, "train_loss")
+    assert [m.step for m in history] == [1, 2] and all(np.isfinite(m.value) for m in history)
+    (artifact,) = [a.path for a in client.list_artifacts(run.info.run_id) if a.path.endswith(".json")]
+    local = client.download_artifacts(run.info.run_id, artifact, str(tmp_path))
+    config = json.loads(open(local).read())
+    assert config["max_iterations"] == 2 and config["dataset_dir"] == str(sample_dir)

@@ -75,7 +75,7 @@ def test_two_streams_counts_cycling_and_no_unlabeled_labels(tmp_path):
     unl_counts = collections.Counter(i for s in objective.seen for i in s[2])
     assert sorted(lab_counts.values()) == [6, 6, 6]  # 18 draws from 3 cases: each pass is a permutation
     assert set(unl_counts) == {100.0, 101.0, 102.0, 103.0, 104.0}
-    out = trainer.state.output
+    out = trainer.state.output[0]  # the shape of a decollated SupervisedTrainer output: MONAI defaults read it
     assert set(out) == {"image", "label", "pred", "loss", "loss_extra"} and float(out["loss_extra"]) == 1.5
 
 

@@ -5,12 +5,14 @@ Commands:
     prepare_la   convert a public LA release (UA-MT h5 or challenge nrrd layout) to NIfTI + dataset.json
     sample_data  write the synthetic atrium-like sample set
     dev_split    write the development split of the LA data (cases 1-60 train, 61-80 test), optionally downsampled
+    benchmark    every method at 8 / 16 labels vs the supervised baseline: results.json, results.md, plots
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import fire
 from medssl.data import DataError
@@ -47,14 +49,47 @@ def demo(out: str = "demo_output", iterations: int = 200, seed: int = 0, bundles
     _demo(out=out, iterations=iterations, seed=seed, bundles_dir=bundles_dir)
 
 
-COMMANDS = {"demo": demo, "dev_split": dev_split, "prepare_la": prepare_la, "sample_data": sample_data}
+def benchmark(
+    dataset_dir: str = None,
+    profile: str = "smoke",
+    out: str = "results",
+    labels=None,
+    methods: str = "supervised,pcrl+supervised,cvrl,simcvd",
+    upper_bound: bool = True,
+    bundles_dir: str = None,
+) -> str:
+    """Label-efficiency benchmark: each method at each label count vs the supervised baseline (see medssl.benchmark);
+    writes results.json, results.md and PNG plots under ``out``; re-run to resume."""
+    from medssl.benchmark import benchmark as _benchmark
+
+    labels = [int(x) for x in str(labels).strip("()[]").split(",") if x.strip()] if labels is not None else None
+    methods = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
+    _benchmark(
+        dataset_dir=dataset_dir,
+        profile=profile,
+        out=out,
+        labels=labels,
+        methods=methods,
+        upper_bound=upper_bound,
+        bundles_dir=bundles_dir,
+    )
+    return str(Path(out) / "results.md")
+
+
+COMMANDS = {
+    "benchmark": benchmark,
+    "demo": demo,
+    "dev_split": dev_split,
+    "prepare_la": prepare_la,
+    "sample_data": sample_data,
+}
 
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
     try:
         fire.Fire(COMMANDS, command=argv, name="python -m medssl")
-    except (DataError, FileNotFoundError, FileExistsError) as e:
+    except (DataError, FileNotFoundError, FileExistsError, RuntimeError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -13,6 +13,9 @@ Self-supervised pre-training (PCRL) has one stream of unlabeled batches: :class:
 
 Both are ``monai.engines.SupervisedTrainer`` subclasses, so MONAI/ignite handlers (StatsHandler, TensorBoard,
 checkpoints, ValidationHandler, LrScheduleHandler, MLflow) attach as usual and ``epoch_length`` counts iterations.
+``engine.state.output`` is a list holding one dict (batch tensors and scalars), the shape of a decollated
+``SupervisedTrainer`` output, so that MONAI's defaults such as ``from_engine(["loss"], first=True)`` (used by
+``--tracking mlflow``) read it unchanged.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ class SemiSupervisedTrainer(_ObjectiveTrainer):
     ``train_data_loader`` yields the labeled batches (``{"image", "label"}``), ``unlabeled_data_loader`` the
     unlabeled ones (``{"image"}`` only: no label is loaded or read for them); both should be endless (see
     :class:`medssl.data.InfiniteSampler`), so the labeled set cycles and ``epoch_length`` counts iterations.
-    ``engine.state.output`` holds ``image``/``label``/``pred`` of the labeled batch, ``loss`` and the objective's
+    ``engine.state.output[0]`` holds ``image``/``label``/``pred`` of the labeled batch, ``loss`` and the objective's
     other scalars (``loss_*`` terms, ``weight_*``).
 
     Args:
@@ -145,14 +148,14 @@ class SemiSupervisedTrainer(_ObjectiveTrainer):
             return out
 
         terms = engine._optimize(engine, compute)
-        engine.state.output = {Keys.IMAGE: image_l, Keys.LABEL: label_l, **pred, **terms}
+        engine.state.output = [{Keys.IMAGE: image_l, Keys.LABEL: label_l, **pred, **terms}]
         return engine.state.output
 
 
 class SelfSupervisedTrainer(_ObjectiveTrainer):
     """A ``SupervisedTrainer`` for self-supervised pre-training: one stream of unlabeled batches (any keys: the
     views, targets and codes a method's transforms produce), trained with ``objective(student, teacher, batch,
-    iteration)`` returning ``{"loss", ...}``. ``engine.state.output`` holds ``loss`` and the other scalars.
+    iteration)`` returning ``{"loss", ...}``. ``engine.state.output[0]`` holds ``loss`` and the other scalars.
 
     Args:
         teacher: a momentum / EMA encoder (updated by :class:`medssl.handlers.EMATeacher`), or None.
@@ -169,5 +172,5 @@ class SelfSupervisedTrainer(_ObjectiveTrainer):
         terms = engine._optimize(
             engine, lambda: engine.loss_function(engine.network, engine.teacher, batch, engine.state.iteration)
         )
-        engine.state.output = terms
+        engine.state.output = [terms]
         return engine.state.output

@@ -1,0 +1,488 @@
+"""Label-efficiency benchmark: every method at each label count against the supervised baseline, one command.
+
+``python -m medssl benchmark --dataset_dir D --profile {smoke,cpu,paper} --out results/`` writes the development
+split of ``D`` (cases 1-``num_train`` for training, the rest for testing; see :func:`medssl.data.write_dev_split`),
+trains every (method, label count) through the bundles' own configs (``python -m monai.bundle run`` subprocesses,
+logs kept per run), evaluates each on the split's ``"test"`` list with the paper metrics, and writes
+``results.json`` (every figure, the overrides, versions, hardware, wall times), ``results.md`` (the paper-style
+table) and PNG plots (Dice vs labeled count; training loss curves). Finished runs are skipped and interrupted
+ones resume from their newest checkpoint, so the command can be re-run until it completes.
+
+Methods: ``supervised`` (la_seg_finetune from scratch), ``pcrl+supervised`` (pcrl_pretrain on the training cases'
+images, then la_seg_finetune from its weights), ``cvrl`` (cvrl_semisup), ``simcvd`` (simcvd_distill), and
+optionally ``pcrl+cvrl`` / ``pcrl+simcvd``. The supervised baseline with every training case labeled is the
+upper bound.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from medssl.bundle import bundle_path
+from medssl.data import atomic_path, load_datalist, write_dev_split, write_json
+
+__all__ = [
+    "PROFILES",
+    "METHODS",
+    "Profile",
+    "benchmark",
+    "plan_runs",
+    "parse_training_log",
+    "summarise",
+    "write_report",
+]
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How big a benchmark is. ``train`` and ``pretrain`` are bundle overrides shared by all runs."""
+
+    name: str
+    description: str
+    labels: Sequence[int]
+    num_train: Optional[int]  # dev split: the first num_train cases train, the rest test (None: sample data)
+    downsample: int
+    train: Dict[str, Any]
+    pretrain: Dict[str, Any]
+    evaluate: Dict[str, Any] = field(default_factory=dict)
+
+
+def _lr_step(iterations: int) -> int:
+    return max(1, iterations * 2500 // 6000)  # the paper's x0.1 at 2500 of 6000 iterations, scaled
+
+
+PROFILES: Dict[str, Profile] = {
+    "smoke": Profile(
+        name="smoke",
+        description="seconds on a CPU, for CI: synthetic sample data (or the given data), 32^3 patches, 4 iterations",
+        labels=(2,),
+        num_train=None,
+        downsample=1,
+        train={
+            "patch_size": [32, 32, 32],
+            "max_iterations": 4,
+            "lr_step": 2,
+            "num_workers": 0,
+            "sw_batch_size": 2,
+            "save_interval": 2,
+            "batch_size": 2,
+        },
+        pretrain={
+            "patch_size": [32, 32, 32],
+            "max_iterations": 2,
+            "batch_size": 2,
+            "queue_size": 64,
+            "num_workers": 0,
+            "save_interval": 1,
+        },
+    ),
+    "cpu": Profile(
+        name="cpu",
+        description="a reduced protocol for 2 CPU cores: volumes downsampled x2 (1.25 mm), patch 64x64x32, 1000 "
+        "iterations (lr x0.1 at 416), PCRL pre-training 600 iterations of batch 4 at lr 0.01; sliding window "
+        "overlap 0.5",
+        labels=(8,),
+        num_train=60,
+        downsample=2,
+        train={
+            "patch_size": [64, 64, 32],
+            "max_iterations": 1000,
+            "lr_step": _lr_step(1000),
+            "save_interval": 250,
+            "sw_batch_size": 4,
+        },
+        pretrain={
+            "patch_size": [64, 64, 32],
+            "max_iterations": 600,
+            "batch_size": 4,
+            "learning_rate": 0.01,
+            "save_interval": 100,
+        },
+    ),
+    "paper": Profile(
+        name="paper",
+        description="the LA protocol of METHODS.md (GPU): full resolution, patch 112x112x80, 6000 iterations, "
+        "lr x0.1 every 2500; sliding window stride 18/18/4; PCRL 6000 iterations of batch 16",
+        labels=(8, 16),
+        num_train=60,
+        downsample=1,
+        train={"patch_size": [112, 112, 80], "max_iterations": 6000, "lr_step": 2500, "save_interval": 500},
+        pretrain={"max_iterations": 6000, "batch_size": 16, "save_interval": 500},
+        evaluate={"sw_stride": [18, 18, 4]},
+    ),
+}
+
+# method -> (segmentation bundle, pre-trained with pcrl_pretrain first)
+METHODS: Dict[str, tuple] = {
+    "supervised": ("la_seg_finetune", False),
+    "pcrl+supervised": ("la_seg_finetune", True),
+    "cvrl": ("cvrl_semisup", False),
+    "simcvd": ("simcvd_distill", False),
+    "pcrl+cvrl": ("cvrl_semisup", True),
+    "pcrl+simcvd": ("simcvd_distill", True),
+}
+DEFAULT_METHODS = ("supervised", "pcrl+supervised", "cvrl", "simcvd")
+METRICS = ("dice", "jaccard", "hd95", "asd")
+
+
+def _configs(bundle: str, *names: str, bundles_dir: Optional[str] = None) -> str:
+    root = bundle_path(bundle, bundles_dir)
+    files = [str(root / "configs" / f"{n}.json") for n in names]
+    return files[0] if len(files) == 1 else json.dumps(files)
+
+
+def _args(overrides: Dict[str, Any]) -> List[str]:
+    out = []
+    for k, v in overrides.items():
+        out += [f"--{k}", json.dumps(v) if isinstance(v, (list, dict, bool)) else str(v)]
+    return out
+
+
+def plan_runs(
+    profile: Profile,
+    methods: Sequence[str],
+    labels: Sequence[int],
+    upper_bound: Optional[int],
+    data_dir: Path,
+    out: Path,
+) -> List[Dict[str, Any]]:
+    """The runs of a benchmark: ``[{"name", "method", "labels", "bundle", "dir", "steps": [...]}]`` where each step
+    is ``{"kind": "pretrain"|"train"|"evaluate", "config": [...], "overrides": {...}}``. The PCRL pre-training is
+    one shared run (``pcrl_pretrain``) that the ``pcrl+*`` runs depend on."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}.")
+    runs = []
+    if any(METHODS[m][1] for m in methods):
+        d = out / "runs" / "pcrl_pretrain"
+        runs.append(
+            {
+                "name": "pcrl_pretrain",
+                "method": "pcrl_pretrain",
+                "labels": 0,
+                "bundle": "pcrl_pretrain",
+                "dir": str(d),
+                "steps": [
+                    {
+                        "kind": "pretrain",
+                        "config": ["train"],
+                        "overrides": {"dataset_dir": str(data_dir), "bundle_root": str(d), **profile.pretrain},
+                    }
+                ],
+            }
+        )
+    pairs = [(m, n) for m in methods for n in labels]
+    if upper_bound:
+        pairs.append(("supervised", upper_bound))
+    for method, n in pairs:
+        bundle, pretrained = METHODS[method]
+        d = out / "runs" / f"{method.replace('+', '_')}-{n}"
+        train = {"dataset_dir": str(data_dir), "bundle_root": str(d), "num_labeled": n, **profile.train}
+        if pretrained:
+            train["pretrained_ckpt"] = str(out / "runs" / "pcrl_pretrain" / "models" / "model.pt")
+        evaluate = {
+            "dataset_dir": str(data_dir),
+            "bundle_root": str(d),
+            **{k: v for k, v in profile.train.items() if k in ("patch_size", "sw_batch_size", "num_workers")},
+            **profile.evaluate,
+        }
+        runs.append(
+            {
+                "name": f"{method}-{n}",
+                "method": method,
+                "labels": n,
+                "bundle": bundle,
+                "dir": str(d),
+                "steps": [
+                    {"kind": "train", "config": ["train"], "overrides": train},
+                    {"kind": "evaluate", "config": ["train", "evaluate"], "overrides": evaluate},
+                ],
+            }
+        )
+    return runs
+
+
+def _run_step(bundle: str, step: Dict[str, Any], log: Path, bundles_dir: Optional[str]) -> float:
+    """Run one ``python -m monai.bundle run`` step (resuming a half-done training); returns its wall seconds."""
+    overrides = dict(step["overrides"])
+    ckpts = Path(overrides["bundle_root"]) / "models"
+    if step["kind"] in ("train", "pretrain") and any(ckpts.glob("checkpoint_*.pt")):
+        overrides["resume"] = True
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        _configs(bundle, *step["config"], bundles_dir=bundles_dir),
+        *_args(overrides),
+    ]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    with open(log, "a") as f:
+        f.write(f"\n$ {' '.join(cmd)}\n")
+        f.flush()
+        proc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{bundle} {step['kind']} failed (exit {proc.returncode}); see {log}")
+    return time.time() - start
+
+
+def _read_metrics(path: Path) -> Dict[str, Any]:
+    import csv
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    cases = [r for r in rows if r["case"] not in ("mean", "std", "n_nan")]
+    per_metric = {m: np.array([float(r[m]) for r in cases]) for m in METRICS if cases and m in cases[0]}
+    with np.errstate(all="ignore"):
+        summary = {
+            m: {"mean": float(np.nanmean(v)), "std": float(np.nanstd(v)), "n_nan": int(np.isnan(v).sum())}
+            for m, v in per_metric.items()
+        }
+    return {"summary": summary, "cases": [{k: (v if k == "case" else float(v)) for k, v in r.items()} for r in cases]}
+
+
+_ITER = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*Iter: (\d+)/(\d+) -- (.*)$")
+_LOSS = re.compile(r"(?:^|\s)(?:train_)?loss: ([-+0-9.eE]+|nan|inf)")
+
+
+def parse_training_log(log: Path) -> Dict[str, Any]:
+    """Loss curve ``[[iteration, loss], ...]`` and the median seconds between consecutive iterations, parsed from a
+    bundle's training log (StatsHandler lines); the median leaves out start-up, caching and evaluation time."""
+    from datetime import datetime
+
+    curve, stamps = {}, {}
+    if Path(log).is_file():
+        for line in Path(log).read_text(errors="replace").splitlines():
+            m = _ITER.search(line)
+            if not m:
+                continue
+            it = int(m.group(2))
+            stamps[it] = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+            loss = _LOSS.search(m.group(4))
+            if loss:
+                curve[it] = float(loss.group(1))
+    steps = [stamps[i] - stamps[i - 1] for i in sorted(stamps) if i - 1 in stamps]
+    return {
+        "loss_curve": [[k, v] for k, v in sorted(curve.items())],
+        "seconds_per_iteration": float(np.median(steps)) if steps else None,
+    }
+
+
+def _environment() -> Dict[str, Any]:
+    import monai
+    import torch
+
+    import medssl
+
+    env = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "medssl": medssl.__version__,
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name(0)
+    return env
+
+
+def benchmark(
+    dataset_dir: Optional[str] = None,
+    profile: str = "smoke",
+    out: str = "results",
+    labels: Optional[Sequence[int]] = None,
+    methods: Sequence[str] = DEFAULT_METHODS,
+    upper_bound: bool = True,
+    bundles_dir: Optional[str] = None,
+) -> Dict[str, Any]:
+    """Run (or resume) a benchmark and write ``results.json``, ``results.md`` and the plots under ``out``.
+
+    Args:
+        dataset_dir: LA data (dataset.json with the 80 training cases); for ``smoke`` it may be None, then the
+            synthetic sample set is used.
+        profile: ``smoke``, ``cpu`` or ``paper`` (see :data:`PROFILES`).
+        out: output folder (``data/``, ``runs/<method>-<labels>/``, reports).
+        labels: labeled counts (default: the profile's).
+        methods: methods to run (see :data:`METHODS`).
+        upper_bound: also train the supervised baseline with every training case labeled.
+
+    Raises:
+        ValueError: unknown profile or method, or a label count larger than the training set.
+    """
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose from {sorted(PROFILES)}.")
+    prof = PROFILES[profile]
+    out = Path(out).resolve()
+    data_dir = out / "data"
+    if dataset_dir is None:
+        if profile != "smoke":
+            raise ValueError(f"profile {profile!r} needs --dataset_dir (the LA data with 80 training cases).")
+        from medssl.sample_data import sample_data
+
+        sample_data(data_dir, num_cases=8, shape=(48, 48, 32), num_test=2)
+    else:
+        num_train = prof.num_train or max(1, len(load_datalist(dataset_dir)["training"]) - 2)
+        write_dev_split(dataset_dir, data_dir, num_train=num_train, downsample=prof.downsample)
+    n_train = len(load_datalist(data_dir)["training"])
+    labels = [int(n) for n in (labels or prof.labels)]
+    if any(not 0 < n < n_train for n in labels):
+        raise ValueError(
+            f"labels {labels} must be between 1 and {n_train - 1} (the split has {n_train} training cases)."
+        )
+    runs = plan_runs(prof, list(methods), labels, n_train if upper_bound else None, data_dir, out)
+    for run in runs:
+        done = Path(run["dir"]) / "done.json"
+        if done.is_file():
+            run.update(json.loads(done.read_text()))
+            continue
+        seconds = {}
+        for step in run["steps"]:
+            seconds[step["kind"]] = _run_step(
+                run["bundle"], step, Path(run["dir"]) / f"{step['kind']}.log", bundles_dir
+            )
+        record = {"seconds": seconds}
+        write_json(record, done)
+        run.update(record)
+    results = summarise(runs, prof)
+    write_report(results, out)
+    return results
+
+
+def summarise(runs: List[Dict[str, Any]], profile: Profile) -> Dict[str, Any]:
+    """Gather every run's metrics, timings, loss curve and overrides into one results dict."""
+    table = []
+    for run in runs:
+        d = Path(run["dir"])
+        train_step = next(s for s in run["steps"] if s["kind"] in ("train", "pretrain"))
+        entry = {
+            "name": run["name"],
+            "method": run["method"],
+            "labels": run["labels"],
+            "bundle": run["bundle"],
+            "dir": run["dir"],
+            "seconds": run.get("seconds", {}),
+            "overrides": {s["kind"]: s["overrides"] for s in run["steps"]},
+            **parse_training_log(d / f"{train_step['kind']}.log"),
+        }
+        if (d / "eval" / "metrics.csv").is_file():
+            entry.update(_read_metrics(d / "eval" / "metrics.csv"))
+        table.append(entry)
+    return {"profile": asdict(profile), "environment": _environment(), "runs": table}
+
+
+def write_report(results: Dict[str, Any], out: Path) -> None:
+    """``results.json``, ``results.md`` and ``dice_vs_labels.png`` / ``loss_curves.png`` under ``out`` (atomic)."""
+    out = Path(out)
+    write_json(results, out / "results.json")
+    runs = [r for r in results["runs"] if "summary" in r]
+    lines = [
+        f"# medssl benchmark — profile `{results['profile']['name']}`",
+        "",
+        results["profile"]["description"],
+        "",
+        "| method | labeled | Dice % | Jaccard % | 95HD (vox) | ASD (vox) | empty preds | s / iteration | "
+        "train min |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(runs, key=lambda r: (r["labels"], r["method"])):
+        s = r["summary"]
+        pct = lambda m: f"{100 * s[m]['mean']:.2f} ± {100 * s[m]['std']:.2f}"  # noqa: E731
+        dist = lambda m: f"{s[m]['mean']:.2f} ± {s[m]['std']:.2f}"  # noqa: E731
+        spi = f"{r['seconds_per_iteration']:.2f}" if r["seconds_per_iteration"] else "-"
+        train = r["seconds"].get("train")
+        lines.append(
+            f"| {r['method']} | {r['labels']} | {pct('dice')} | {pct('jaccard')} | {dist('hd95')} | "
+            f"{dist('asd')} | {s['hd95']['n_nan']} | {spi} | {train / 60:.1f} |"
+            if train
+            else f"| {r['method']} | {r['labels']} | {pct('dice')} | {pct('jaccard')} | {dist('hd95')} | "
+            f"{dist('asd')} | {s['hd95']['n_nan']} | {spi} | - |"
+        )
+    pre = [r for r in results["runs"] if r["method"] == "pcrl_pretrain"]
+    if pre and pre[0]["seconds"]:
+        lines += [
+            "",
+            f"PCRL pre-training: {pre[0]['seconds'].get('pretrain', 0) / 60:.1f} min "
+            f"({pre[0]['seconds_per_iteration'] or 0:.2f} s / iteration).",
+        ]
+    env = results["environment"]
+    lines += [
+        "",
+        "Mean ± std over the test cases; distances in voxels of the evaluated volumes; an empty prediction "
+        "has no surface distance (counted under 'empty preds', left out of the distance means).",
+        "",
+        f"Environment: {env.get('gpu', env['cpu'])}, {env['cpu_count']} CPU cores, torch {env['torch']}, "
+        f"monai {env['monai']}, medssl {env['medssl']}.",
+        "",
+        "![Dice vs labeled](dice_vs_labels.png)",
+        "",
+        "![Training loss](loss_curves.png)",
+        "",
+    ]
+    with atomic_path(out / "results.md") as tmp:
+        tmp.write_text("\n".join(lines))
+    _plot(results, out)
+
+
+def _plot(results: Dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in results["runs"] if "summary" in r]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    n_max = max((r["labels"] for r in runs), default=0)
+    for method in sorted({r["method"] for r in runs}):
+        pts = sorted(
+            (r["labels"], 100 * r["summary"]["dice"]["mean"])
+            for r in runs
+            if r["method"] == method and (r["labels"] < n_max or method != "supervised")
+        )
+        if pts:
+            ax.plot(*zip(*pts), marker="o", label=method)
+    upper = [r for r in runs if r["method"] == "supervised" and r["labels"] == n_max]
+    if upper and len({r["labels"] for r in runs}) > 1:
+        ax.axhline(100 * upper[0]["summary"]["dice"]["mean"], ls="--", c="gray", label=f"supervised, all {n_max}")
+    ax.set_xlabel("labeled volumes")
+    ax.set_ylabel("Dice % (test cases)")
+    ax.set_title(f"Label efficiency — profile {results['profile']['name']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(out / "dice_vs_labels.png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in results["runs"]:
+        if r["loss_curve"]:
+            it, loss = np.array(r["loss_curve"]).T
+            k = max(1, len(loss) // 50)  # a running mean over ~2 % of the run keeps the curves readable
+            smooth = np.convolve(loss, np.ones(k) / k, mode="valid")
+            ax.plot(it[k - 1 :], smooth, label=r["name"], lw=1)
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("training loss (each method's own objective)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(out / "loss_curves.png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)

@@ -1,0 +1,94 @@
+"""The benchmark command: the smoke profile end to end (as CI runs it), resume, and the pieces on their own."""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from helpers import REPO
+
+from medssl.benchmark import PROFILES, parse_training_log, plan_runs
+
+
+def test_plan_runs_order_and_overrides(tmp_path):
+    runs = plan_runs(PROFILES["cpu"], ["supervised", "pcrl+supervised", "cvrl"], [8, 16], 60, tmp_path / "d", tmp_path)
+    names = [r["name"] for r in runs]
+    assert names == [
+        "pcrl_pretrain",
+        "supervised-8",
+        "supervised-16",
+        "pcrl+supervised-8",
+        "pcrl+supervised-16",
+        "cvrl-8",
+        "cvrl-16",
+        "supervised-60",
+    ]
+    pre = runs[0]["steps"][0]["overrides"]
+    assert pre["max_iterations"] == 600 and pre["batch_size"] == 4 and pre["learning_rate"] == 0.01
+    ft = runs[3]["steps"][0]["overrides"]
+    assert ft["pretrained_ckpt"] == str(tmp_path / "runs" / "pcrl_pretrain" / "models" / "model.pt")
+    assert ft["num_labeled"] == 8 and ft["patch_size"] == [64, 64, 32] and ft["lr_step"] == 416
+    assert "pretrained_ckpt" not in runs[1]["steps"][0]["overrides"]
+    assert runs[5]["bundle"] == "cvrl_semisup" and runs[5]["steps"][1]["config"] == ["train", "evaluate"]
+    assert PROFILES["paper"].evaluate == {"sw_stride": [18, 18, 4]}
+    with pytest.raises(ValueError, match="unknown methods"):
+        plan_runs(PROFILES["cpu"], ["magic"], [8], None, tmp_path, tmp_path)
+
+
+def test_parse_training_log(tmp_path):
+    log = tmp_path / "train.log"
+    log.write_text(
+        "\n".join(
+            [
+                "2026-01-01 10:00:00,000 - INFO - Epoch: 1/1, Iter: 1/3 -- train_loss: 0.9000 ",
+                "2026-01-01 10:00:02,000 - INFO - Epoch: 1/1, Iter: 2/3 -- train_loss: 0.5000 ",
+                "something else",
+                "2026-01-01 10:00:05,500 - INFO - Epoch: 1/1, Iter: 3/3 -- loss: 0.2500 loss_sup: 0.1000 weight_rampup: 1.0 ",
+            ]
+        )
+    )
+    parsed = parse_training_log(log)
+    assert parsed["loss_curve"] == [[1, 0.9], [2, 0.5], [3, 0.25]]  # "loss", not "loss_sup"
+    assert parsed["seconds_per_iteration"] == pytest.approx(2.75)  # median of 2.0 and 3.5
+    assert parse_training_log(tmp_path / "missing.log") == {"loss_curve": [], "seconds_per_iteration": None}
+
+
+def test_smoke_profile_end_to_end_and_resume(tmp_path):
+    out = tmp_path / "results"
+    cmd = [sys.executable, "-m", "medssl", "benchmark", "--profile", "smoke", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    runs = {r["name"]: r for r in results["runs"]}
+    assert set(runs) == {"pcrl_pretrain", "supervised-2", "pcrl+supervised-2", "cvrl-2", "simcvd-2", "supervised-6"}
+    for name, r in runs.items():
+        if name == "pcrl_pretrain":
+            assert "summary" not in r and len(r["loss_curve"]) == 2
+            continue
+        assert [c["case"] for c in r["cases"]] == ["sample_006", "sample_007"]  # the split's test cases
+        for m in ("dice", "jaccard", "hd95", "asd"):
+            assert r["summary"][m]["mean"] == pytest.approx(np.nanmean([c[m] for c in r["cases"]]))
+        assert 0 <= r["summary"]["dice"]["mean"] <= 1
+        assert [i for i, _ in r["loss_curve"]] == [1, 2, 3, 4] and r["seconds_per_iteration"] > 0
+        assert r["overrides"]["train"]["num_labeled"] == r["labels"] and r["seconds"]["train"] > 0
+    pretrained = runs["pcrl+supervised-2"]["overrides"]["train"]["pretrained_ckpt"]
+    assert pretrained.endswith("pcrl_pretrain/models/model.pt")
+    assert results["environment"]["torch"] and results["environment"]["cpu_count"] >= 1
+    table = (out / "results.md").read_text()
+    for name, r in runs.items():
+        if "summary" in r:
+            row = f"| {r['method']} | {r['labels']} | {100 * r['summary']['dice']['mean']:.2f} ± "
+            assert row in table, row
+    for png in ("dice_vs_labels.png", "loss_curves.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(data[16:20], "big") > 300
+    # a second run resumes: every run is done, nothing is trained again, the figures are the same
+    start = time.time()
+    again = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert again.returncode == 0 and time.time() - start < 60
+    results2 = json.loads((out / "results.json").read_text())
+    assert [r.get("summary") for r in results2["runs"]] == [r.get("summary") for r in results["runs"]]
+    assert Path(out / "runs" / "supervised-2" / "train.log").read_text().count("\n$ ") == 1  # trained once
