@@ -46,7 +46,8 @@ def test_parse_training_log(tmp_path):
                 "2026-01-01 10:00:00,000 - INFO - Epoch: 1/1, Iter: 1/3 -- train_loss: 0.9000 ",
                 "2026-01-01 10:00:02,000 - INFO - Epoch: 1/1, Iter: 2/3 -- train_loss: 0.5000 ",
                 "something else",
-                "2026-01-01 10:00:05,500 - INFO - Epoch: 1/1, Iter: 3/3 -- loss: 0.2500 loss_sup: 0.1000 weight_rampup: 1.0 ",
+                "2026-01-01 10:00:05,500 - INFO - Epoch: 1/1, Iter: 3/3 -- loss: 0.2500 loss_sup: 0.1000 "
+                "weight_rampup: 1.0 ",
             ]
         )
     )
