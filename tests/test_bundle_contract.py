@@ -3,6 +3,7 @@ metadata, network I/O, properties, train -> evaluate -> inference, TorchScript e
 
 import csv
 import json
+import re
 
 import nibabel as nib
 import numpy as np
@@ -318,3 +319,66 @@ def test_tracking_mlflow_sqlite(name, sample_dir, tmp_path):
     local = client.download_artifacts(run.info.run_id, artifact, str(tmp_path))
     config = json.loads(open(local).read())
     assert config["max_iterations"] == 2 and config["dataset_dir"] == str(sample_dir)
+
+
+@pytest.mark.parametrize("name", TRAINABLE + ["pcrl_pretrain"])
+def test_kill_and_resume_matches_uninterrupted_run(name, sample_dir, tmp_path):
+    """SIGKILL mid-training, resume from the newest checkpoint: same total iterations, no corrupt checkpoint, and
+    the final weights equal an uninterrupted run's exactly (one thread, loaders in the main process: the data
+    order, augmentations, dropout masks and EMA continue where they stopped)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import REPO
+
+    extra = ["--queue_size", "64"] if name == "pcrl_pretrain" else ["--num_labeled", "2"]
+    args = [
+        "-m",
+        "monai.bundle",
+        "run",
+        "--config_file",
+        configs(name, "train"),
+        "--dataset_dir",
+        str(sample_dir),
+        "--max_iterations",
+        "8",
+        "--save_interval",
+        "2",
+        "--batch_size",
+        "2",
+        *map(str, TINY + extra),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    bundle_cmd(*args[2:], "--bundle_root", tmp_path / "straight", env=env)
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, *args, "--bundle_root", str(killed)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 300
+    while not (killed / "models" / "checkpoint_4.pt").exists():
+        assert proc.poll() is None and time.time() < deadline, "training ended before its second checkpoint"
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    models = killed / "models"
+    assert not (models / "model.pt").exists()  # an interrupted run never looks finished
+    for ckpt in models.glob("checkpoint_*.pt"):  # every checkpoint present is complete (temp file + rename)
+        assert torch.load(ckpt, weights_only=True)["trainer"]["iteration"] == int(ckpt.stem.split("_")[1])
+    done = bundle_cmd(*args[2:], "--bundle_root", killed, "--resume", "true", env=env)
+    resumed = int(re.search(r"resumed from .*checkpoint_(\d+)\.pt \(iteration (\d+)\)", done.stdout).group(2))
+    assert resumed >= 4 and "Iter: 1/8" not in done.stdout and f"Iter: {resumed + 1}/8" in done.stdout
+    assert torch.load(models / "checkpoint_8.pt", weights_only=True)["trainer"]["iteration"] == 8
+    straight = torch.load(tmp_path / "straight" / "models" / "model.pt", weights_only=True)
+    final = torch.load(models / "model.pt", weights_only=True)
+    assert set(final) == set(straight)
+    worst = max((final[k].double() - straight[k].double()).abs().max().item() for k in final)
+    assert worst == 0.0, f"resumed weights differ from the uninterrupted run by up to {worst}"
+    refused = bundle_cmd(*args[2:], "--bundle_root", killed, "--resume", "false", check=False, env=env)
+    assert refused.returncode != 0 and "pass --resume true to continue it" in refused.stdout

@@ -2,12 +2,10 @@
 
 import csv
 import json
-import re
 
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from helpers import BUNDLES, TINY, bundle_cmd, configs, real_subset
 from medssl.networks import VNet
 from medssl.sample_data import sample_data
@@ -169,55 +167,3 @@ def test_bad_input_stops_with_named_file(case, sample_dir, tmp_path):
     assert proc.stdout.rstrip().splitlines()[-1].startswith("medssl.data.DataError: ")  # the reason comes last
     assert expected in proc.stdout.rstrip().splitlines()[-1]
     assert not (tmp_path / "b" / "models" / "model.pt").exists()
-
-
-def test_resume_after_sigkill(sample_dir, tmp_path):
-    """A run killed with SIGKILL mid-training resumes from its newest checkpoint and ends at the same total."""
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from helpers import REPO
-
-    args = [
-        "-m",
-        "monai.bundle",
-        "run",
-        "--config_file",
-        configs(NAME, "train"),
-        "--bundle_root",
-        str(tmp_path),
-        "--dataset_dir",
-        str(sample_dir),
-        "--num_labeled",
-        "3",
-        "--max_iterations",
-        "30",
-        "--save_interval",
-        "4",
-        "--batch_size",
-        "2",
-        *map(str, TINY),
-    ]
-    proc = subprocess.Popen([sys.executable, *args], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not (tmp_path / "models" / "checkpoint_8.pt").exists():
-        assert proc.poll() is None and time.time() < deadline, "training ended before its second checkpoint"
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    models = tmp_path / "models"
-    assert not (models / "model.pt").exists()
-    for ckpt in models.glob("checkpoint_*.pt"):  # every file present is complete (written by rename)
-        assert torch.load(ckpt, weights_only=True)["trainer"]["iteration"] == int(ckpt.stem.split("_")[1])
-    done = bundle_cmd(*args[2:], "--resume", "true")
-    resumed_from = int(re.search(r"resumed from .*checkpoint_(\d+)\.pt \(iteration (\d+)\)", done.stdout).group(2))
-    assert resumed_from >= 8
-    assert f"Iter: {resumed_from + 1}/30" in done.stdout and "Iter: 1/30" not in done.stdout
-    assert torch.load(models / "checkpoint_28.pt", weights_only=True)["trainer"]["iteration"] == 28
-    assert (models / "model.pt").is_file()
-    # --resume false into a folder with checkpoints is refused rather than mixing two runs
-    refused = bundle_cmd(*args[2:], "--resume", "false", check=False)
-    assert refused.returncode != 0 and "pass --resume true to continue it" in refused.stdout

@@ -360,6 +360,9 @@ class InfiniteSampler(torch.utils.data.Sampler):
         shuffle: draw a new permutation per pass; False cycles ``0..n-1``.
         seed: base seed of the permutations.
         num_replicas, rank: for distributed training (default: one process).
+
+    The stream is a pure function of ``seed`` and the position, so a resumed run continues it exactly:
+    :meth:`set_start` skips the indices the interrupted run consumed (``iterations * batch_size``).
     """
 
     def __init__(
@@ -371,18 +374,27 @@ class InfiniteSampler(torch.utils.data.Sampler):
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank must be in [0, num_replicas={num_replicas}), got {rank}.")
         self.shuffle, self.seed, self.num_replicas, self.rank = shuffle, int(seed), int(num_replicas), int(rank)
+        self.start = 0
+
+    def set_start(self, position: int) -> None:
+        """Begin the next iteration of this sampler at ``position`` of this rank's stream (0: the beginning)."""
+        if position < 0:
+            raise ValueError(f"position must be >= 0, got {position}.")
+        self.start = int(position)
 
     def __iter__(self) -> Iterator[int]:
         n, r = self.length, self.num_replicas
         padded = -(-n // r) * r
-        epoch = 0
+        per_rank = padded // r
+        epoch, skip = divmod(self.start, per_rank)
         while True:
             if self.shuffle:
                 order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + epoch)).tolist()
             else:
                 order = list(range(n))
             order = (order * (-(-padded // n)))[:padded]
-            yield from order[self.rank :: r]
+            yield from order[self.rank :: r][skip:]
+            skip = 0
             epoch += 1
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
+import random
 import re
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -13,7 +14,7 @@ import torch
 from ignite.engine import Engine, Events
 from medssl.data import as_bool, atomic_path
 
-__all__ = ["MetricsTable", "TrainingCheckpoint", "EMATeacher", "latest_checkpoint"]
+__all__ = ["MetricsTable", "TrainingCheckpoint", "EMATeacher", "TrainingRNG", "latest_checkpoint"]
 
 logger = logging.getLogger("medssl")
 
@@ -181,6 +182,9 @@ class TrainingCheckpoint:
             raise KeyError(f"{path}: resume checkpoint lacks {missing}; it holds {sorted(state)}.")
         for name, obj in self.save_dict.items():
             _unwrap(obj).load_state_dict(state[name])
+        for obj in self.save_dict.values():
+            if isinstance(obj, TrainingRNG):
+                obj.resume_at(engine.state.iteration)
         logger.info("resumed from %s (iteration %d)", path, engine.state.iteration)
 
     def save(self, engine: Engine) -> None:
@@ -244,3 +248,78 @@ class EMATeacher:
 
     def __call__(self, engine: Engine) -> None:
         self.update(engine.state.iteration - 1)
+
+
+def _randomizable(obj: Any, seen: Optional[set] = None) -> List[Any]:
+    """Every transform with a numpy ``R`` random state reachable from ``obj``: nested Compose / OneOf / lists, and
+    the inner transforms that dictionary transforms keep as attributes (``RandSpatialCropd.cropper``, ...)."""
+    from monai.transforms import Transform
+
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, (list, tuple)):
+        return [t for child in obj for t in _randomizable(child, seen)]
+    if not isinstance(obj, Transform):
+        return []
+    found = [obj] if isinstance(getattr(obj, "R", None), np.random.RandomState) else []
+    for value in vars(obj).values():
+        if isinstance(value, (Transform, list, tuple)):
+            found += _randomizable(value, seen)
+    return found
+
+
+class TrainingRNG:
+    """The random state of a training run, as a checkpointable object (``state_dict`` / ``load_state_dict``).
+
+    Holds torch's, numpy's and Python's global generators, the random state of every randomised transform of the
+    given pipelines (MONAI ``Randomizable.R``), and moves the given :class:`medssl.data.InfiniteSampler`s to where
+    the interrupted run left them (``iteration * batch_size``). Put it in ``TrainingCheckpoint``'s ``save_dict``:
+    a resumed run then continues the interrupted one's data and random draws exactly, when the data loaders run in
+    the main process (``num_workers=0``, the CPU default; with worker processes the augmentation stream restarts).
+
+    Args:
+        transforms: the training pipelines (``Compose`` objects or lists of transforms).
+        samplers: the training ``InfiniteSampler``s.
+        batch_sizes: the batch size of each sampler's loader.
+    """
+
+    def __init__(self, transforms: Sequence[Any] = (), samplers: Sequence[Any] = (), batch_sizes: Sequence[int] = ()):
+        if len(samplers) != len(batch_sizes):
+            raise ValueError(f"TrainingRNG: {len(samplers)} samplers but {len(batch_sizes)} batch sizes.")
+        self.transforms = _randomizable(list(transforms))
+        self.samplers, self.batch_sizes = list(samplers), [int(b) for b in batch_sizes]
+
+    def state_dict(self) -> Dict[str, Any]:
+        np_state = np.random.get_state()
+        return {
+            "torch": torch.get_rng_state(),
+            "numpy": [np_state[0], torch.as_tensor(np_state[1].astype(np.int64)), *map(float, np_state[2:])],
+            "python": list(random.getstate()[1]) + [random.getstate()[2]],
+            "python_version": random.getstate()[0],
+            "transforms": [_rs_state(t.R) for t in self.transforms],
+        }
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        if len(state["transforms"]) != len(self.transforms):
+            raise ValueError(
+                f"TrainingRNG: the checkpoint holds {len(state['transforms'])} transform states, this "
+                f"pipeline has {len(self.transforms)} randomised transforms; was the config changed?"
+            )
+        torch.set_rng_state(state["torch"])
+        name, keys, pos, has_gauss, gauss = state["numpy"]
+        np.random.set_state((name, keys.numpy().astype(np.uint32), int(pos), int(has_gauss), float(gauss)))
+        py = state["python"]
+        random.setstate((state["python_version"], tuple(int(v) for v in py[:-1]), py[-1]))
+        for t, s in zip(self.transforms, state["transforms"]):
+            t.R.set_state((s[0], s[1].numpy().astype(np.uint32), int(s[2]), int(s[3]), float(s[4])))
+
+    def resume_at(self, iteration: int) -> None:
+        for sampler, batch_size in zip(self.samplers, self.batch_sizes):
+            sampler.set_start(iteration * batch_size)
+
+
+def _rs_state(rs: np.random.RandomState) -> List[Any]:
+    name, keys, pos, has_gauss, gauss = rs.get_state()
+    return [name, torch.as_tensor(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
