@@ -205,3 +205,13 @@ def test_as_bool_reads_command_line_strings():
     assert [as_bool(v) for v in (False, "false", "no", "0", 0, None)] == [False] * 6
     with pytest.raises(ValueError, match="resume must be true or false, got 'maybe'"):
         as_bool("maybe", "resume")
+
+
+def test_infinite_sampler_set_start_continues_the_stream():
+    full = list(itertools.islice(iter(InfiniteSampler(5, seed=2, num_replicas=2, rank=1)), 20))
+    for start in (0, 2, 3, 7):
+        s = InfiniteSampler(5, seed=2, num_replicas=2, rank=1)
+        s.set_start(start)
+        assert list(itertools.islice(iter(s), 20 - start)) == full[start:]
+    with pytest.raises(ValueError, match="position must be >= 0"):
+        InfiniteSampler(5).set_start(-1)

@@ -91,3 +91,49 @@ def test_metrics_table(tmp_path, caplog):
     assert float(rows[5][1]) == pytest.approx(0.163299, abs=1e-6)
     assert rows[6] == ["n_nan", "0", "1"]
     assert "per-case metrics" in caplog.text
+
+
+def test_training_rng_round_trip_through_weights_only(tmp_path):
+    import random
+
+    import numpy as np
+    from monai.transforms import Compose, OneOf, RandFlipd, RandSpatialCropd
+
+    from medssl.data import InfiniteSampler
+    from medssl.handlers import TrainingRNG
+
+    pipeline = Compose(
+        [
+            RandSpatialCropd("image", roi_size=[2, 2, 2], random_size=False),
+            OneOf([RandFlipd("image", prob=1.0, spatial_axis=0), RandFlipd("image", prob=1.0, spatial_axis=1)]),
+        ]
+    )
+    pipeline.set_random_state(5)
+    sampler = InfiniteSampler(4, seed=1)
+    rng = TrainingRNG([pipeline], [sampler], [3])
+    # the crop keeps its draws in an inner transform (RandSpatialCropd.cropper): it must be found too
+    cropper = pipeline.transforms[0].cropper
+    assert [type(t).__name__ for t in rng.transforms] == [
+        "Compose",
+        "RandSpatialCropd",
+        "RandSpatialCrop",
+        "OneOf",
+        "RandFlipd",
+        "RandFlipd",
+    ]
+    assert any(t is cropper for t in rng.transforms)
+    torch.save({"rng": rng.state_dict()}, tmp_path / "c.pt")
+    draws = lambda: (
+        torch.rand(2).tolist(),
+        np.random.rand(),
+        random.random(),  # noqa: E731
+        pipeline.transforms[0].cropper.R.rand(),
+        pipeline.transforms[1].R.rand(),
+    )
+    before = draws()
+    rng.load_state_dict(torch.load(tmp_path / "c.pt", weights_only=True)["rng"])
+    assert draws() == before
+    rng.resume_at(iteration=2)
+    assert sampler.start == 6
+    with pytest.raises(ValueError, match="holds 6 transform states, this pipeline has 0"):
+        TrainingRNG().load_state_dict(torch.load(tmp_path / "c.pt", weights_only=True)["rng"])
