@@ -123,13 +123,16 @@ def test_training_rng_round_trip_through_weights_only(tmp_path):
     ]
     assert any(t is cropper for t in rng.transforms)
     torch.save({"rng": rng.state_dict()}, tmp_path / "c.pt")
-    draws = lambda: (
-        torch.rand(2).tolist(),
-        np.random.rand(),
-        random.random(),  # noqa: E731
-        pipeline.transforms[0].cropper.R.rand(),
-        pipeline.transforms[1].R.rand(),
-    )
+
+    def draws():
+        return (
+            torch.rand(2).tolist(),
+            np.random.rand(),
+            random.random(),
+            cropper.R.rand(),
+            pipeline.transforms[1].R.rand(),
+        )
+
     before = draws()
     rng.load_state_dict(torch.load(tmp_path / "c.pt", weights_only=True)["rng"])
     assert draws() == before
