@@ -93,7 +93,7 @@ def test_load_pretrained_counts(tmp_path, caplog):
 def test_load_pretrained_refuses_unrelated_file(tmp_path):
     path = tmp_path / "other.pt"
     torch.save({"fc.weight": torch.zeros(2, 2)}, path)
-    with pytest.raises(ValueError, match="matches 0 of the network's"):
+    with pytest.raises(ValueError, match="matches 0 of the network's 30 weight kernels"):
         load_pretrained(VNet(), str(path))
     load_pretrained(VNet(), str(path), min_matched=0)  # explicitly allowed
     with pytest.raises(FileNotFoundError, match="nope.pt"):

@@ -199,8 +199,9 @@ def load_pretrained(
         network: the network to initialise (changed in place and returned).
         path: a state-dict file (``models/model.pt`` of any medssl bundle) or a resume checkpoint holding
             one under ``key`` (default: ``"model"``, ``"network"`` or ``"state_dict"``); None/"" does nothing.
-        min_matched: refuse (``ValueError``) a file that matches fewer tensors, so a wrong file cannot
-            silently leave the network untrained; 0 allows anything.
+        min_matched: refuse (``ValueError``) a file that matches fewer weight kernels (tensors of two or more
+            dimensions: convolution and linear weights), so a wrong file cannot silently leave the network
+            untrained; 0 allows anything.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -227,11 +228,14 @@ def load_pretrained(
     reshaped = sorted(k for k in state if k in own and own[k].shape != state[k].shape)
     missing = sorted(k for k in own if k not in state)
     unexpected = sorted(k for k in state if k not in own)
-    if len(matched) < min_matched:
+    # count kernels (>= 2-D weights) only: scalars such as BatchNorm's num_batches_tracked match any file
+    kernels = [k for k, v in own.items() if v.ndim >= 2]
+    matched_kernels = [k for k in kernels if k in matched]
+    if len(matched_kernels) < min_matched:
         raise ValueError(
-            f"pretrained_ckpt {path!r} matches {len(matched)} of the network's {len(own)} tensors "
+            f"pretrained_ckpt {path!r} matches {len(matched_kernels)} of the network's {len(kernels)} weight kernels "
             f"(shape mismatches: {reshaped[:5]}, unexpected: {unexpected[:5]}); is it a weights file of this "
-            "architecture? Pass min_matched=0 to allow it."
+            "architecture? Pass min_matched=0 (bundle key --pretrained_min_matched 0) to allow it."
         )
     network.load_state_dict(matched, strict=False)
     logger.info(

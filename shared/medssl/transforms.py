@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Hashable, Mapping, Sequence
+from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ __all__ = [
     "RandSpatialCoded",
     "box_iou",
     "apply_spatial_code",
+    "LoadVolumed",
 ]
 
 
@@ -651,3 +652,40 @@ class RandSpatialCoded(RandomizableTransform, MapTransform):
             d[key] = apply_spatial_code(d[key], self.code)
             d[f"{key}{self.code_key_suffix}"] = torch.as_tensor(self.code.copy())
         return d
+
+
+class LoadVolumed(MapTransform):
+    """MONAI's ``LoadImaged`` that reports an unreadable file as a :class:`medssl.data.DataError` naming it.
+
+    ``LoadImaged`` lets the reader's own exception through (an ``EOFError`` of gzip, a ``ValueError`` of nibabel,
+    ...), wrapped by MONAI's transform error, without saying which of a case's files failed. This loads through
+    ``LoadImaged`` unchanged and, on failure, reads each of the entry's files on its own to name the culprit.
+
+    Args:
+        keys, **kwargs: as ``monai.transforms.LoadImaged`` (``ensure_channel_first``, ``image_only``, ...).
+
+    Raises:
+        DataError: ``"<file>: not a readable NIfTI volume (<reason>)"``.
+    """
+
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False, **kwargs) -> None:
+        from monai.transforms import LoadImaged
+
+        super().__init__(keys, allow_missing_keys)
+        self.loader = LoadImaged(keys, allow_missing_keys=allow_missing_keys, **kwargs)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
+        try:
+            return self.loader(data)
+        except Exception as e:  # the readers raise many types; name the file instead
+            culprit, reason = None, f"{type(e).__name__}: {e}"
+            for key in self.key_iterator(dict(data)):
+                try:
+                    import nibabel as nib
+
+                    np.asanyarray(nib.load(str(data[key])).dataobj)
+                except Exception as inner:
+                    culprit, reason = data[key], f"{type(inner).__name__}: {inner}"
+                    break
+            files = culprit or ", ".join(str(data[k]) for k in self.key_iterator(dict(data)))
+            raise DataError(f"{files}: not a readable NIfTI volume ({reason}).") from e
