@@ -6,6 +6,8 @@ Commands:
     sample_data  write the synthetic atrium-like sample set
     dev_split    write the development split of the LA data (cases 1-60 train, 61-80 test), optionally downsampled
     benchmark    every method at 8 / 16 labels vs the supervised baseline: results.json, results.md, plots
+    package      build a release zip of a bundle (with weights and TorchScript) and record it in bundle_index.json
+    pull         download a released bundle by name, verify its checksum, extract it safely
 """
 
 from __future__ import annotations
@@ -76,20 +78,44 @@ def benchmark(
     return str(Path(out) / "results.md")
 
 
+def package(
+    bundle: str,
+    out: str = "dist",
+    weights: str = None,
+    index: str = None,
+    base_url: str = "https://github.com/medssl/medssl/releases/download",
+) -> str:
+    """Build dist/NAME_vVERSION.zip (deterministic bytes; with --weights: models/model.pt and model.ts) and record
+    it in bundle_index.json (sha1 + sha256 + source URL; --base_url "" records a path relative to the index)."""
+    from medssl.release import package as _package
+
+    return str(_package(bundle, out=out, weights=weights, index=index, base_url=base_url))
+
+
+def pull(name: str, bundle_dir: str = "bundles_pulled", version: str = None, index: str = "bundle_index.json") -> str:
+    """Download NAME from the index (path or URL), verify its sha256, extract safely to bundle_dir/NAME_vVERSION."""
+    from medssl.release import pull as _pull
+
+    return str(_pull(name, bundle_dir=bundle_dir, version=version, index=index))
+
+
 COMMANDS = {
     "benchmark": benchmark,
     "demo": demo,
     "dev_split": dev_split,
+    "package": package,
     "prepare_la": prepare_la,
+    "pull": pull,
     "sample_data": sample_data,
 }
 
 
 def main(argv=None) -> int:
+    """Entry point of ``python -m medssl``: known errors print one ``error:`` line and exit 2."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
     try:
         fire.Fire(COMMANDS, command=argv, name="python -m medssl")
-    except (DataError, FileNotFoundError, FileExistsError, RuntimeError, ValueError) as e:
+    except (DataError, FileNotFoundError, FileExistsError, RuntimeError, ValueError) as e:  # ReleaseError too
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
