@@ -93,3 +93,51 @@ def test_smoke_profile_end_to_end_and_resume(tmp_path):
     results2 = json.loads((out / "results.json").read_text())
     assert [r.get("summary") for r in results2["runs"]] == [r.get("summary") for r in results["runs"]]
     assert Path(out / "runs" / "supervised-2" / "train.log").read_text().count("\n$ ") == 1  # trained once
+
+
+def test_speed_command_small(tmp_path):
+    """`python -m medssl speed` on the sample set with tiny patches: every figure present and positive."""
+    from medssl.sample_data import sample_data
+
+    data = sample_data(tmp_path / "data", num_cases=5, shape=(48, 48, 32), num_test=1)
+    out = tmp_path / "speed"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "medssl",
+            "speed",
+            "--dataset_dir",
+            str(data),
+            "--out",
+            str(out),
+            "--iterations",
+            "2",
+            "--patch_size",
+            "32,32,32",
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    result = json.loads((out / "speed.json").read_text())
+    assert [r["bundle"] for r in result["bundles"]] == [
+        "la_seg_finetune",
+        "cvrl_semisup",
+        "simcvd_distill",
+        "pcrl_pretrain",
+    ]
+    for r in result["bundles"]:
+        assert r["patch_size"] == [32, 32, 32] and r["seconds_per_iteration"] > 0 and len(r["steps"]) == 2
+        assert r["loader_volumes_per_second"] > 0 and r["peak_rss_mb"] > 0
+    seg = result["bundles"][0]
+    assert seg["batch_size"] == 4 and seg["ratio_to_bare"] == pytest.approx(
+        seg["seconds_per_iteration"] / seg["bare_seconds_per_iteration"]
+    )
+    assert set(result["inference"]) == {"paper_stride", "overlap_0.5"}
+    assert all(v["seconds_per_volume"] > 0 and v["volumes"] == 1 for v in result["inference"].values())
+    table = (out / "speed.md").read_text()
+    assert "| la_seg_finetune | 32x32x32 | 4 |" in table and "| paper_stride |" in table

@@ -8,6 +8,7 @@ Commands:
     benchmark    every method at 8 / 16 labels vs the supervised baseline: results.json, results.md, plots
     package      build a release zip of a bundle (with weights and TorchScript) and record it in bundle_index.json
     pull         download a released bundle by name, verify its checksum, extract it safely
+    speed        seconds per iteration of every bundle vs the bare network, loader throughput, inference time
 """
 
 from __future__ import annotations
@@ -99,6 +100,31 @@ def pull(name: str, bundle_dir: str = "bundles_pulled", version: str = None, ind
     return str(_pull(name, bundle_dir=bundle_dir, version=version, index=index))
 
 
+def speed(
+    dataset_dir: str,
+    out: str = "speed",
+    iterations: int = 3,
+    warmup: int = 1,
+    patch_size=None,
+    weights: str = None,
+    num_volumes: int = 1,
+) -> None:
+    """Seconds per training iteration of each bundle vs the bare VNet, loader throughput, sliding-window inference
+    seconds per volume (paper stride vs overlap 0.5), peak memory; writes speed.json and speed.md under ``out``."""
+    from medssl.speed import speed as _speed
+
+    overrides = {"patch_size": [int(x) for x in str(patch_size).strip("()[]").split(",")]} if patch_size else {}
+    _speed(
+        dataset_dir,
+        out=out,
+        warmup=warmup,
+        iterations=iterations,
+        overrides=overrides,
+        weights=weights,
+        num_volumes=num_volumes,
+    )
+
+
 COMMANDS = {
     "benchmark": benchmark,
     "demo": demo,
@@ -107,6 +133,7 @@ COMMANDS = {
     "prepare_la": prepare_la,
     "pull": pull,
     "sample_data": sample_data,
+    "speed": speed,
 }
 
 
