@@ -58,7 +58,7 @@ def test_checkpoint_holds_teacher_queue_and_ema_relation(trained):
     root, _ = trained
     c1 = torch.load(root / "models" / "checkpoint_1.pt", weights_only=True)
     c2 = torch.load(root / "models" / "checkpoint_2.pt", weights_only=True)
-    assert set(c2) == {"model", "teacher", "loss", "optimizer", "lr_scheduler", "trainer"}
+    assert set(c2) == {"model", "teacher", "loss", "optimizer", "lr_scheduler", "trainer", "rng"}
     # the global contrast's queue advanced by the 2 unlabeled volumes of each iteration
     assert int(c1["loss"]["global_contrast.queue_ptr"]) == 2 and int(c2["loss"]["global_contrast.queue_ptr"]) == 4
     params = [k for k, v in VNet(proj_dim=64).named_parameters()]

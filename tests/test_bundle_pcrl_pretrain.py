@@ -52,7 +52,7 @@ def test_train_logs_and_checkpoint(trained):
         assert f"{term}: " in log, term
     c1 = torch.load(root / "models" / "checkpoint_1.pt", weights_only=True)
     c2 = torch.load(root / "models" / "checkpoint_2.pt", weights_only=True)
-    assert set(c2) == {"model", "teacher", "loss", "optimizer", "lr_scheduler", "trainer"}
+    assert set(c2) == {"model", "teacher", "loss", "optimizer", "lr_scheduler", "trainer", "rng"}
     assert int(c1["loss"]["contrast.queue_ptr"]) == 6 and int(c2["loss"]["contrast.queue_ptr"]) == 12  # 3 x batch 2
     for k, v in c2["teacher"].items():  # key encoder = 0.999 EMA of the student, from the first step (no warm-up)
         if k.endswith(("weight", "bias")) and "running" not in k and k in dict(VNet().named_parameters()):

@@ -32,7 +32,7 @@ def test_sample_run_terms_checkpoint_and_weights(tmp_path):
     for term in ["loss_seg", "loss_sdm", "loss_contrast", "loss_distill", "loss_consistency", "weight_rampup"]:
         assert f"{term}: " in proc.stdout, term
     ckpt = torch.load(root / "models" / "checkpoint_2.pt", weights_only=True)
-    assert set(ckpt) == {"model", "teacher", "loss", "optimizer", "lr_scheduler", "trainer"}
+    assert set(ckpt) == {"model", "teacher", "loss", "optimizer", "lr_scheduler", "trainer", "rng"}
     assert {"sdm_conv.weight", "proj_head.0.weight"} <= set(ckpt["model"]) and "sdm_conv.weight" in ckpt["teacher"]
     final = torch.load(root / "models" / "model.pt", weights_only=True)
     VNet().load_state_dict(final, strict=True)  # segmentation backbone only: the SDM head is not deployed
