@@ -271,6 +271,9 @@ def test_torchrun_two_cpu_processes(name, sample_dir, tmp_path):
         "--batch_size",
         "1",
         *map(str, TINY + extra),
+        "--finalize",  # after training, each rank saves the weights it ends with
+        '[\'$torch.save(getattr(@network, "module", @network).state_dict(), '
+        "@bundle_root + \"/rank%d.pt\" % dist.get_rank())', '$dist.destroy_process_group()']",
     ]
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
@@ -282,6 +285,14 @@ def test_torchrun_two_cpu_processes(name, sample_dir, tmp_path):
     writers = {p.name.split(".")[4] for p in (tmp_path / "eval").glob("events.out.tfevents.*")}
     assert len(writers) == 1  # one process wrote TensorBoard logs
     assert len(re.findall(r"Iter: 3/3 -- ", proc.stdout)) == 1  # one process logged
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert rank0.keys() == rank1.keys() and len(rank0) > 200
+    # the ranks trained on different samples (sharded sampler), yet hold identical weights (DDP all-reduces the
+    # gradients). Only BatchNorm running statistics may differ: DDP copies rank 0's buffers to every rank at the
+    # start of each forward, so each rank's last forward leaves its own; rank 0's are the ones released.
+    differ = [k for k in rank0 if not torch.equal(rank0[k], rank1[k])]
+    assert all(k.endswith(("running_mean", "running_var")) for k in differ), differ
+    assert sum(not k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in rank0) > 100
 
 
 @pytest.mark.parametrize("name", TRAINABLE + ["pcrl_pretrain"])
