@@ -23,9 +23,10 @@ from monai.losses import DiceCELoss
 
 from medssl.bundle import bundle_path
 from medssl.networks import VNet
+from medssl.runtime import tune_cpu_allocator
 
 
-def bundle_seconds(dataset_dir, patch_size, batch_size, warmup, iterations, num_workers, num_labeled):
+def bundle_seconds(dataset_dir, patch_size, batch_size, warmup, iterations, num_workers, num_labeled, tuning=True):
     root = bundle_path("la_seg_finetune")
     with tempfile.TemporaryDirectory() as tmp:
         wf = ConfigWorkflow(
@@ -33,6 +34,7 @@ def bundle_seconds(dataset_dir, patch_size, batch_size, warmup, iterations, num_
             logging_file=str(root / "configs" / "logging.conf"), meta_file=str(root / "configs" / "metadata.json"),
             dataset_dir=str(dataset_dir), num_labeled=num_labeled, patch_size=list(patch_size),
             batch_size=batch_size, max_iterations=warmup + iterations, save_interval=0, num_workers=num_workers,
+            cpu_allocator_tuning=bool(tuning),
         )
         wf.initialize()
         stamps = []
@@ -66,16 +68,20 @@ def bare_seconds(patch_size, batch_size, warmup, iterations):
 
 
 def main(dataset_dir="../shared/data/la", patch_size=(112, 112, 80), batch_size=4, warmup=2, iterations=6,
-         num_workers=None, num_labeled=16, out=None):
+         num_workers=None, num_labeled=16, out=None, cpu_allocator_tuning=True):
+    # the bundles tune glibc's allocator in their initialize step; tune (or not) before anything is timed so the
+    # bare loop and the bundle run under the same allocator
+    tuned = tune_cpu_allocator(cpu_allocator_tuning)
     patch_size = tuple(int(s) for s in (patch_size.split(",") if isinstance(patch_size, str) else patch_size))
     results = {"patch_size": patch_size, "batch_size": batch_size, "iterations_timed": iterations,
-               "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}
+               "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+               "cpu_allocator_tuning": tuned}
     # bare loop before and after the bundle runs, so drift of the machine shows and averages out
     _, bare_steps = bare_seconds(patch_size, batch_size, warmup, iterations)
     workers = [0, 2] if num_workers is None else [int(num_workers)]
     bundle = {}
     for nw in workers:
-        bundle[nw] = bundle_seconds(dataset_dir, patch_size, batch_size, warmup, iterations, nw, num_labeled)
+        bundle[nw] = bundle_seconds(dataset_dir, patch_size, batch_size, warmup, iterations, nw, num_labeled, tuned)
     bare_steps += bare_seconds(patch_size, batch_size, warmup, iterations)[1]
     bare = statistics.median(bare_steps)
     results["bare_s_per_it"] = round(bare, 3)

@@ -110,6 +110,7 @@ def test_pretrained_ckpt_logs_counts(trained, sample_dir, tmp_path):
     )
     n = len(VNet().state_dict())
     assert f"{n} tensors matched, 0 missing, 0 unexpected, 0 with another shape" in proc.stdout
+    assert "CPU allocator: freed memory is kept for reuse" in proc.stdout  # initialize ran medssl.runtime
 
 
 def test_train_evaluate_infer_two_real_cases(la_dir, tmp_path):
