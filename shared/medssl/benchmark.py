@@ -447,24 +447,43 @@ def _plot(results: Dict[str, Any], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = [r for r in results["runs"] if "summary" in r]
-    fig, ax = plt.subplots(figsize=(6, 4))
     n_max = max((r["labels"] for r in runs), default=0)
-    for method in sorted({r["method"] for r in runs}):
-        pts = sorted(
-            (r["labels"], 100 * r["summary"]["dice"]["mean"])
-            for r in runs
-            if r["method"] == method and (r["labels"] < n_max or method != "supervised")
-        )
-        if pts:
-            ax.plot(*zip(*pts), marker="o", label=method)
-    upper = [r for r in runs if r["method"] == "supervised" and r["labels"] == n_max]
-    if upper and len({r["labels"] for r in runs}) > 1:
+    counts = sorted({r["labels"] for r in runs})
+    upper = [r for r in runs if r["method"] == "supervised" and r["labels"] == n_max and len(counts) > 1]
+    order = list(METHODS)  # the baseline first, then the methods in their documented order
+    methods = sorted(
+        {r["method"] for r in runs if r not in upper}, key=lambda m: (order.index(m) if m in order else 99, m)
+    )
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(methods) * max(1, len(counts) - bool(upper))), 4))
+    # one group of columns per label count; per method its cases (dots) and the mean ± std (bar)
+    width = 0.8 / max(1, len(methods))
+    xs = [n for n in counts if not (upper and n == n_max)]
+    for j, method in enumerate(methods):
+        colour = f"C{j}"
+        for i, n in enumerate(xs):
+            r = next((r for r in runs if r["method"] == method and r["labels"] == n), None)
+            if r is None:
+                continue
+            x = i - 0.4 + width * (j + 0.5)
+            dice = 100 * np.array([c["dice"] for c in r.get("cases", [])], dtype=float)
+            mean, std = 100 * r["summary"]["dice"]["mean"], 100 * (r["summary"]["dice"]["std"] or 0)
+            ax.bar(
+                x, mean, width * 0.9, yerr=std, color=colour, alpha=0.35, capsize=3, label=method if i == 0 else None
+            )
+            if dice.size:
+                jitter = np.linspace(-0.25, 0.25, dice.size) * width
+                ax.scatter(x + jitter, dice, s=8, color=colour, zorder=3)
+            top = min(mean + std, 100)
+            ax.annotate(f"{mean:.1f}", (x, top), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
+    if upper:
         ax.axhline(100 * upper[0]["summary"]["dice"]["mean"], ls="--", c="gray", label=f"supervised, all {n_max}")
+    ax.set_xticks(range(len(xs)), [str(n) for n in xs])
+    ax.set_ylim(0, 108)
     ax.set_xlabel("labeled volumes")
     ax.set_ylabel("Dice % (test cases)")
     ax.set_title(f"Label efficiency — profile {results['profile']['name']}")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     with atomic_path(out / "dice_vs_labels.png") as tmp:
         fig.savefig(tmp, dpi=110, format="png")
