@@ -1,6 +1,7 @@
 """medssl.runtime: the CPU allocator setting, pinned by page faults counted in a child process."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -22,8 +23,6 @@ print(json.dumps({"applied": applied, "faults": faults}))
 
 
 def _probe(enabled, env=None):
-    import os
-
     proc = subprocess.run(
         [sys.executable, "-c", PROBE, str(enabled)],
         stdout=subprocess.PIPE,
@@ -57,3 +56,17 @@ def test_tuning_flag_must_be_a_boolean():
 
     with pytest.raises(ValueError, match="cpu_allocator_tuning"):
         tune_cpu_allocator("sometimes")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt is Linux-only")
+def test_repeated_calls_apply_and_log_once():
+    """A process running several workflows (the demo, the speed command) tunes the allocator once."""
+    code = (
+        "import logging, sys; logging.basicConfig(stream=sys.stdout, level=logging.INFO, format='%(message)s')\n"
+        "from medssl.runtime import tune_cpu_allocator\n"
+        "print([tune_cpu_allocator(), tune_cpu_allocator(), tune_cpu_allocator('false')])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, timeout=120)
+    assert proc.returncode == 0
+    assert proc.stdout.count("CPU allocator: freed memory is kept for reuse") == 1
+    assert proc.stdout.strip().splitlines()[-1] == "[True, True, False]"

@@ -454,10 +454,10 @@ def _plot(results: Dict[str, Any], out: Path) -> None:
     methods = sorted(
         {r["method"] for r in runs if r not in upper}, key=lambda m: (order.index(m) if m in order else 99, m)
     )
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(methods) * max(1, len(counts) - bool(upper))), 4))
+    xs = [n for n in counts if not (upper and n == n_max)]  # the upper bound is a line, not a column group
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(methods) * max(1, len(xs))), 4))
     # one group of columns per label count; per method its cases (dots) and the mean ± std (bar)
     width = 0.8 / max(1, len(methods))
-    xs = [n for n in counts if not (upper and n == n_max)]
     for j, method in enumerate(methods):
         colour = f"C{j}"
         for i, n in enumerate(xs):

@@ -36,6 +36,7 @@ _SETTINGS = (
     (_M_TRIM_THRESHOLD, 1 << 36),  # never give the heap's free top back to the system
     (_M_TOP_PAD, 256 << 20),  # grow the heap in 256 MiB steps
 )
+_applied = False
 
 
 def tune_cpu_allocator(enabled: Any = True) -> bool:
@@ -48,12 +49,15 @@ def tune_cpu_allocator(enabled: Any = True) -> bool:
         return False
     if not sys.platform.startswith("linux"):
         return False
+    global _applied
+    if _applied:  # a process that runs several workflows (demo, speed) sets and logs it once
+        return True
     try:
         libc = ctypes.CDLL("libc.so.6")
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # not glibc
         return False
-    applied = all(mallopt(param, value) == 1 for param, value in _SETTINGS)
-    if applied:
+    _applied = all(mallopt(param, value) == 1 for param, value in _SETTINGS)
+    if _applied:
         logger.info("CPU allocator: freed memory is kept for reuse (MEDSSL_MALLOC_TUNING=0 turns this off).")
-    return applied
+    return _applied

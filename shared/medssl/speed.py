@@ -23,6 +23,7 @@ import torch
 
 from medssl.bundle import bundle_path
 from medssl.data import atomic_path, write_json
+from medssl.runtime import tune_cpu_allocator
 
 __all__ = ["speed", "bundle_iteration_seconds", "bare_iteration_seconds", "sliding_window_seconds"]
 
@@ -189,8 +190,6 @@ def speed(
     """
     overrides = dict(overrides or {})
     amp = torch.cuda.is_available()
-    from medssl.runtime import tune_cpu_allocator
-
     # the bundles tune the allocator in their initialize step: do it first, so the bare loop runs under it too
     tuned = tune_cpu_allocator(overrides.get("cpu_allocator_tuning", True))
     results: Dict[str, Any] = {
