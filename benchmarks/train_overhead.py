@@ -1,8 +1,10 @@
-"""Seconds per training iteration: the la_seg_finetune bundle vs a bare PyTorch loop at the same patch and batch.
+"""Seconds per training iteration: the la_seg_finetune bundle vs a bare PyTorch loop at the same patch and batch,
+in each precision mode side by side (``medssl.speed.MODES``: fp32 = ``--amp false``, amp = the default, bf16 on a
+CPU with native bf16; fp32_contiguous = fp32 without channels-last).
 
 The bundle's iteration includes everything a user pays for (data loading and augmentation, the ignite engine,
 LR schedule, loss logging, TensorBoard); the bare loop is forward + loss + backward + SGD step of the same VNet on
-a tensor already in memory. Their ratio is the bundle's overhead.
+a tensor already in memory, in the same mode (modes interleaved step by step). Their ratio is the bundle's overhead.
 
     python benchmarks/train_overhead.py --dataset_dir ../shared/data/la --patch_size 112,112,80 --batch_size 4
 """
@@ -19,14 +21,14 @@ import fire
 import torch
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
-from monai.losses import DiceCELoss
 
 from medssl.bundle import bundle_path
-from medssl.networks import VNet
 from medssl.runtime import tune_cpu_allocator
+from medssl.speed import MODES, bare_iteration_seconds
 
 
-def bundle_seconds(dataset_dir, patch_size, batch_size, warmup, iterations, num_workers, num_labeled, tuning=True):
+def bundle_seconds(dataset_dir, patch_size, batch_size, warmup, iterations, num_workers, num_labeled, tuning=True,
+                   mode="amp"):
     root = bundle_path("la_seg_finetune")
     with tempfile.TemporaryDirectory() as tmp:
         wf = ConfigWorkflow(
@@ -34,7 +36,7 @@ def bundle_seconds(dataset_dir, patch_size, batch_size, warmup, iterations, num_
             logging_file=str(root / "configs" / "logging.conf"), meta_file=str(root / "configs" / "metadata.json"),
             dataset_dir=str(dataset_dir), num_labeled=num_labeled, patch_size=list(patch_size),
             batch_size=batch_size, max_iterations=warmup + iterations, save_interval=0, num_workers=num_workers,
-            cpu_allocator_tuning=bool(tuning),
+            cpu_allocator_tuning=bool(tuning), **MODES[mode],
         )
         wf.initialize()
         stamps = []
@@ -47,49 +49,38 @@ def bundle_seconds(dataset_dir, patch_size, batch_size, warmup, iterations, num_
     return statistics.median(steps), steps
 
 
-def bare_seconds(patch_size, batch_size, warmup, iterations):
-    torch.manual_seed(0)
-    net = VNet().train()
-    loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, squared_pred=True, batch=True,
-                         smooth_nr=1e-5, smooth_dr=1e-5, lambda_dice=0.5, lambda_ce=0.5)
-    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    x = torch.randn(batch_size, 1, *patch_size)
-    y = (torch.rand(batch_size, 1, *patch_size) > 0.9).float()
-    # as the bundle's trainer (MONAI SupervisedTrainer): gradients zeroed in place, not freed
-    steps = []
-    for i in range(warmup + iterations):
-        t = time.perf_counter()
-        opt.zero_grad(set_to_none=False)
-        loss_fn(net(x), y).backward()
-        opt.step()
-        if i >= warmup:
-            steps.append(time.perf_counter() - t)
-    return statistics.median(steps), steps
-
-
 def main(dataset_dir="../shared/data/la", patch_size=(112, 112, 80), batch_size=4, warmup=2, iterations=6,
-         num_workers=None, num_labeled=16, out=None, cpu_allocator_tuning=True):
+         num_workers=None, num_labeled=16, out=None, cpu_allocator_tuning=True, modes="fp32,amp"):
     # the bundles tune glibc's allocator in their initialize step; tune (or not) before anything is timed so the
     # bare loop and the bundle run under the same allocator
     tuned = tune_cpu_allocator(cpu_allocator_tuning)
     patch_size = tuple(int(s) for s in (patch_size.split(",") if isinstance(patch_size, str) else patch_size))
+    modes = [m.strip() for m in (modes.split(",") if isinstance(modes, str) else modes) if m.strip()]
     results = {"patch_size": patch_size, "batch_size": batch_size, "iterations_timed": iterations,
                "torch_threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-               "cpu_allocator_tuning": tuned}
-    # bare loop before and after the bundle runs, so drift of the machine shows and averages out
-    _, bare_steps = bare_seconds(patch_size, batch_size, warmup, iterations)
+               "cpu_allocator_tuning": tuned, "modes": {m: MODES[m] for m in modes}}
+    # bare loop (modes interleaved) before and after the bundle runs, so drift of the machine shows and averages out
+    bare_before = bare_iteration_seconds(patch_size, batch_size, warmup, iterations, modes)
     workers = [0, 2] if num_workers is None else [int(num_workers)]
     bundle = {}
     for nw in workers:
-        bundle[nw] = bundle_seconds(dataset_dir, patch_size, batch_size, warmup, iterations, nw, num_labeled, tuned)
-    bare_steps += bare_seconds(patch_size, batch_size, warmup, iterations)[1]
-    bare = statistics.median(bare_steps)
-    results["bare_s_per_it"] = round(bare, 3)
-    results["bare_steps"] = [round(s, 3) for s in bare_steps]
-    for nw, (b, b_steps) in bundle.items():
-        results[f"bundle_s_per_it_workers{nw}"] = round(b, 3)
-        results[f"ratio_workers{nw}"] = round(b / bare, 3)
-        results[f"bundle_steps_workers{nw}"] = [round(s, 3) for s in b_steps]
+        for mode in modes:  # the bundle in each mode in turn
+            bundle[nw, mode] = bundle_seconds(dataset_dir, patch_size, batch_size, warmup, iterations, nw,
+                                              num_labeled, tuned, mode)
+    bare_after = bare_iteration_seconds(patch_size, batch_size, warmup, iterations, modes)
+    for mode in modes:
+        bare = (bare_before[mode] + bare_after[mode]) / 2
+        results[f"bare_s_per_it_{mode}"] = round(bare, 3)
+        results[f"bare_before_after_{mode}"] = [round(bare_before[mode], 3), round(bare_after[mode], 3)]
+        for nw in workers:
+            b, b_steps = bundle[nw, mode]
+            results[f"bundle_s_per_it_{mode}_workers{nw}"] = round(b, 3)
+            results[f"ratio_{mode}_workers{nw}"] = round(b / bare, 3)
+            results[f"bundle_steps_{mode}_workers{nw}"] = [round(s, 3) for s in b_steps]
+    if "fp32" in modes:
+        for mode in modes:
+            for nw in workers:
+                results[f"speedup_{mode}_vs_fp32_workers{nw}"] = round(bundle[nw, "fp32"][0] / bundle[nw, mode][0], 3)
     print(json.dumps(results, indent=1))
     if out:
         with open(out, "w") as f:

@@ -11,6 +11,7 @@ import pytest
 from helpers import REPO
 
 from medssl.benchmark import PROFILES, parse_training_log, plan_runs
+from medssl.precision import cpu_bf16_support
 
 
 def test_plan_runs_order_and_overrides(tmp_path):
@@ -124,20 +125,41 @@ def test_speed_command_small(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-4000:]
     result = json.loads((out / "speed.json").read_text())
-    assert [r["bundle"] for r in result["bundles"]] == [
-        "la_seg_finetune",
-        "cvrl_semisup",
-        "simcvd_distill",
-        "pcrl_pretrain",
-    ]
+    bundles = ["la_seg_finetune", "cvrl_semisup", "simcvd_distill", "pcrl_pretrain"]
+    # each bundle in both modes, side by side
+    assert [(r["bundle"], r["mode"]) for r in result["bundles"]] == [(b, m) for b in bundles for m in ("fp32", "amp")]
+    amp_precision = "bf16" if cpu_bf16_support()[0] else "fp32"
     for r in result["bundles"]:
         assert r["patch_size"] == [32, 32, 32] and r["seconds_per_iteration"] > 0 and len(r["steps"]) == 2
         assert r["loader_volumes_per_second"] > 0 and r["peak_rss_mb"] > 0
-    seg = result["bundles"][0]
-    assert seg["batch_size"] == 4 and seg["ratio_to_bare"] == pytest.approx(
-        seg["seconds_per_iteration"] / seg["bare_seconds_per_iteration"]
-    )
+        assert r["precision"] == ("fp32" if r["mode"] == "fp32" else amp_precision)
+    for seg in result["bundles"][:2]:
+        assert seg["batch_size"] == 4 and seg["ratio_to_bare"] == pytest.approx(
+            seg["seconds_per_iteration"] / seg["bare_seconds_per_iteration"]
+        )
     assert set(result["inference"]) == {"paper_stride", "overlap_0.5"}
-    assert all(v["seconds_per_volume"] > 0 and v["volumes"] == 1 for v in result["inference"].values())
+    for per_mode in result["inference"].values():
+        assert set(per_mode) == {"fp32", "amp"}
+        assert all(v["seconds_per_volume"] > 0 and v["volumes"] == 1 for v in per_mode.values())
+        # the same (untrained) weights in both modes: the label maps agree to bf16 rounding
+        assert per_mode["amp"]["agreement_with_fp32"] > 0.95
     table = (out / "speed.md").read_text()
-    assert "| la_seg_finetune | 32x32x32 | 4 |" in table and "| paper_stride |" in table
+    assert "| la_seg_finetune | 32x32x32 | 4 | fp32 | fp32 |" in table and "| paper_stride | amp |" in table
+    assert f"| la_seg_finetune | 32x32x32 | 4 | amp | {amp_precision} |" in table
+
+
+def test_benchmark_amp_false_runs_every_step_in_fp32(tmp_path):
+    """`--amp false --upper_bound false` (command-line strings, parsed strictly): one fp32 run, nothing else."""
+    out = tmp_path / "fp32"
+    cmd = [sys.executable, "-m", "medssl", "benchmark", "--profile", "smoke", "--out", str(out)]
+    cmd += ["--methods", "supervised", "--upper_bound", "false", "--amp", "false"]
+    proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    assert [r["name"] for r in results["runs"]] == ["supervised-2"]
+    run = results["runs"][0]
+    assert run["overrides"]["train"]["amp"] is False and run["overrides"]["evaluate"]["amp"] is False
+    for step in ("train", "evaluate"):
+        assert "Precision: fp32 on cpu (amp is off)." in (out / "runs" / "supervised-2" / f"{step}.log").read_text()
+    bad = subprocess.run(cmd[:-1] + ["maybe"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert bad.returncode != 0 and "amp must be true or false, got 'maybe'" in bad.stdout

@@ -12,6 +12,7 @@ import torch
 from helpers import BUNDLES, TINY, bundle_cmd, configs
 
 from medssl.metrics import case_metrics
+from medssl.precision import cpu_bf16_support
 from medssl.networks import VNet
 from medssl.sample_data import sample_data
 
@@ -336,7 +337,8 @@ def test_tracking_mlflow_sqlite(name, sample_dir, tmp_path):
 def test_kill_and_resume_matches_uninterrupted_run(name, sample_dir, tmp_path):
     """SIGKILL mid-training, resume from the newest checkpoint: same total iterations, no corrupt checkpoint, and
     the final weights equal an uninterrupted run's exactly (one thread, loaders in the main process: the data
-    order, augmentations, dropout masks and EMA continue where they stopped)."""
+    order, augmentations, dropout masks and EMA continue where they stopped). Both run in the bundles' default
+    precision: bf16 on a CPU with native bf16, so resume is pinned across a bf16 run there."""
     import os
     import signal
     import subprocess
@@ -363,7 +365,8 @@ def test_kill_and_resume_matches_uninterrupted_run(name, sample_dir, tmp_path):
         *map(str, TINY + extra),
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    bundle_cmd(*args[2:], "--bundle_root", tmp_path / "straight", env=env)
+    straight_log = bundle_cmd(*args[2:], "--bundle_root", tmp_path / "straight", env=env).stdout
+    assert f"Precision: {'bf16' if cpu_bf16_support()[0] else 'fp32'} on cpu" in straight_log
     killed = tmp_path / "killed"
     proc = subprocess.Popen(
         [sys.executable, *args, "--bundle_root", str(killed)],

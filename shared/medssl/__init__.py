@@ -5,4 +5,5 @@ Bundle configs reach the package as ``medssl.<module>.<name>`` after ``"$import 
 
 __version__ = "0.1.0"
 
-from medssl import data, handlers, metrics, networks, runtime, transforms  # noqa: E402,F401  (bundle configs use these)
+# bundle configs use these
+from medssl import data, handlers, metrics, networks, precision, runtime, transforms  # noqa: E402,F401

@@ -23,7 +23,7 @@ import re
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -311,6 +311,7 @@ def benchmark(
     methods: Sequence[str] = DEFAULT_METHODS,
     upper_bound: bool = True,
     bundles_dir: Optional[str] = None,
+    amp: bool = True,
 ) -> Dict[str, Any]:
     """Run (or resume) a benchmark and write ``results.json``, ``results.md`` and the plots under ``out``.
 
@@ -322,6 +323,7 @@ def benchmark(
         labels: labeled counts (default: the profile's).
         methods: methods to run (see :data:`METHODS`).
         upper_bound: also train the supervised baseline with every training case labeled.
+        amp: mixed precision where the device has it (the bundles' default); False trains and evaluates in fp32.
 
     Raises:
         ValueError: unknown profile or method, or a label count larger than the training set.
@@ -329,6 +331,13 @@ def benchmark(
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose from {sorted(PROFILES)}.")
     prof = PROFILES[profile]
+    if not amp:  # every step of every run in fp32
+        prof = replace(
+            prof,
+            train={**prof.train, "amp": False},
+            pretrain={**prof.pretrain, "amp": False},
+            evaluate={**prof.evaluate, "amp": False},
+        )
     out = Path(out).resolve()
     data_dir = out / "data"
     if dataset_dir is None:

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 import fire
-from medssl.data import DataError
+from medssl.data import DataError, as_bool
 
 __all__ = ["main"]
 
@@ -60,6 +60,7 @@ def benchmark(
     methods: str = "supervised,pcrl+supervised,cvrl,simcvd",
     upper_bound: bool = True,
     bundles_dir: str = None,
+    amp: bool = True,
 ) -> str:
     """Label-efficiency benchmark: each method at each label count vs the supervised baseline (see medssl.benchmark);
     writes results.json, results.md and PNG plots under ``out``; re-run to resume."""
@@ -73,8 +74,9 @@ def benchmark(
         out=out,
         labels=labels,
         methods=methods,
-        upper_bound=upper_bound,
+        upper_bound=as_bool(upper_bound, "upper_bound"),
         bundles_dir=bundles_dir,
+        amp=as_bool(amp, "amp"),
     )
     return str(Path(out) / "results.md")
 
@@ -108,10 +110,17 @@ def speed(
     patch_size=None,
     weights: str = None,
     num_volumes: int = 1,
+    modes: str = "fp32,amp",
+    repeats: int = 1,
+    bundles: str = "la_seg_finetune,cvrl_semisup,simcvd_distill,pcrl_pretrain",
 ) -> None:
-    """Seconds per training iteration of each bundle vs the bare VNet, loader throughput, sliding-window inference
-    seconds per volume (paper stride vs overlap 0.5), peak memory; writes speed.json and speed.md under ``out``."""
+    """Seconds per training iteration of each bundle in each precision mode (fp32, amp; also fp32_contiguous) side
+    by side, vs the bare VNet, loader throughput, sliding-window inference seconds per volume (paper stride vs
+    overlap 0.5) and the modes' label agreement, peak memory; writes speed.json and speed.md under ``out``."""
     from medssl.speed import speed as _speed
+
+    def names(value):
+        return [m.strip() for m in (value.split(",") if isinstance(value, str) else value) if m.strip()]
 
     overrides = {"patch_size": [int(x) for x in str(patch_size).strip("()[]").split(",")]} if patch_size else {}
     _speed(
@@ -122,6 +131,9 @@ def speed(
         overrides=overrides,
         weights=weights,
         num_volumes=num_volumes,
+        modes=names(modes),
+        repeats=int(repeats),
+        bundles=names(bundles),
     )
 
 

@@ -27,18 +27,35 @@ from monai.engines import SupervisedTrainer
 from monai.engines.utils import IterationEvents
 from monai.utils.enums import CommonKeys as Keys
 
+from medssl.precision import precision_proxy
+
 __all__ = ["SemiSupervisedTrainer", "SelfSupervisedTrainer"]
 
 
 class _ObjectiveTrainer(SupervisedTrainer):
-    """A ``SupervisedTrainer`` whose iteration minimises ``terms["loss"]`` of an objective (see the module doc)."""
+    """A ``SupervisedTrainer`` whose iteration minimises ``terms["loss"]`` of an objective (see the module doc).
 
-    def __init__(self, teacher: Optional[torch.nn.Module] = None, **kwargs: Any) -> None:
+    ``precision`` (``medssl.precision.resolve_precision``; default ``"fp16"`` if ``amp`` else ``"fp32"``) and
+    ``channels_last``: the objective sees the student and the teacher through ``medssl.precision.precision_proxy``,
+    so their forward passes run in that precision and layout while the objective's losses stay fp32; with ``amp``
+    (CUDA) the loss is scaled (MONAI's GradScaler).
+    """
+
+    def __init__(
+        self,
+        teacher: Optional[torch.nn.Module] = None,
+        precision: Optional[str] = None,
+        channels_last: Any = False,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(decollate=False, **kwargs)
         self.teacher = teacher
+        self.precision = precision or ("fp16" if self.amp else "fp32")
+        self.student_fn = precision_proxy(self.network, self.precision, channels_last)
+        self.teacher_fn = precision_proxy(teacher, self.precision, channels_last)
 
     def _optimize(self, engine: "_ObjectiveTrainer", compute: Callable[[], Dict[str, torch.Tensor]]) -> Dict:
-        """Zero grads, run ``compute`` (under autocast with AMP), back-propagate ``loss``, step; fire MONAI's events."""
+        """Zero grads, run ``compute``, back-propagate ``loss`` (scaled with CUDA AMP), step; fire MONAI's events."""
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
 
@@ -48,15 +65,13 @@ class _ObjectiveTrainer(SupervisedTrainer):
             engine.fire_event(IterationEvents.LOSS_COMPLETED)
             return out
 
+        terms = _compute()
         if engine.amp and engine.scaler is not None:
-            with torch.autocast("cuda", **engine.amp_kwargs):
-                terms = _compute()
             engine.scaler.scale(terms["loss"]).backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.scaler.step(engine.optimizer)
             engine.scaler.update()
         else:
-            terms = _compute()
             terms["loss"].backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             engine.optimizer.step()
@@ -96,10 +111,14 @@ class SemiSupervisedTrainer(_ObjectiveTrainer):
         epoch_length: Optional[int] = None,
         train_handlers: Optional[Sequence] = None,
         amp: bool = False,
+        precision: Optional[str] = None,
+        channels_last: Any = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(
             teacher=teacher,
+            precision=precision,
+            channels_last=channels_last,
             device=device,
             max_epochs=max_epochs,
             train_data_loader=train_data_loader,
@@ -137,12 +156,12 @@ class SemiSupervisedTrainer(_ObjectiveTrainer):
             for k, v in batchdata.items()
             if k not in (Keys.IMAGE, Keys.LABEL) and isinstance(v, torch.Tensor)
         }
-        teacher_fn = engine.teacher.forward_heads if engine.teacher is not None else None
+        teacher_fn = engine.teacher_fn.forward_heads if engine.teacher_fn is not None else None
         pred: Dict[str, torch.Tensor] = {}
 
         def compute() -> Dict[str, torch.Tensor]:
             out = engine.loss_function(
-                engine.network, teacher_fn, image_l, label_l, image_u, engine.state.iteration, **extras
+                engine.student_fn, teacher_fn, image_l, label_l, image_u, engine.state.iteration, **extras
             )
             pred[Keys.PRED] = out[Keys.PRED].detach()
             return out
@@ -170,7 +189,7 @@ class SelfSupervisedTrainer(_ObjectiveTrainer):
             for k, v in batchdata.items()
         }
         terms = engine._optimize(
-            engine, lambda: engine.loss_function(engine.network, engine.teacher, batch, engine.state.iteration)
+            engine, lambda: engine.loss_function(engine.student_fn, engine.teacher_fn, batch, engine.state.iteration)
         )
         engine.state.output = [terms]
         return engine.state.output

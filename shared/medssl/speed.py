@@ -1,11 +1,16 @@
 """Speed benchmark: ``python -m medssl speed``.
 
-For each bundle, seconds per training iteration at its configured patch and batch (the paper's by default),
-measured inside the bundle's own workflow (data loading, augmentation, engine, handlers included), against the
-bare VNet forward + loss + backward + SGD step on an in-memory batch of the same size; the training loader's
-throughput (volumes per second) against what an iteration consumes; sliding-window inference seconds per volume
-with the papers' stride and with MONAI's overlap 0.5 (and the Dice of each when weights are given); peak memory.
-On a GPU the same runs use AMP. Writes ``speed.json`` and ``speed.md``.
+For each bundle and each precision mode, side by side in one run: seconds per training iteration at the bundle's
+configured patch and batch (the paper's by default), measured inside the bundle's own workflow (data loading,
+augmentation, engine, handlers included), against the bare VNet forward + loss + backward + SGD step on an
+in-memory batch of the same size in the same mode (modes interleaved step by step); the training loader's throughput
+(volumes per second) against what an iteration consumes; sliding-window inference seconds per volume with the
+papers' stride and with MONAI's overlap 0.5 (and the Dice of each when weights are given), and how far the label
+maps of the modes agree; peak memory. Writes ``speed.json`` and ``speed.md``.
+
+Modes (:data:`MODES`): ``fp32`` is ``--amp false`` (fp32, channels-last on a CPU); ``amp`` the bundles' default
+(bf16 on a CPU with native bf16, fp16 on CUDA; see :mod:`medssl.precision`); ``fp32_contiguous`` fp32 without the
+channels-last layout (every bundle's CPU setting before mixed precision came).
 """
 
 from __future__ import annotations
@@ -23,11 +28,27 @@ import torch
 
 from medssl.bundle import bundle_path
 from medssl.data import atomic_path, write_json
+from medssl.precision import MixedPrecision, prepare_network, resolve_precision
 from medssl.runtime import tune_cpu_allocator
 
-__all__ = ["speed", "bundle_iteration_seconds", "bare_iteration_seconds", "sliding_window_seconds"]
+__all__ = ["MODES", "speed", "bundle_iteration_seconds", "bare_iteration_seconds", "sliding_window_seconds"]
 
 SEGMENTATION_BUNDLES = ("la_seg_finetune", "cvrl_semisup", "simcvd_distill")
+# mode -> bundle overrides
+MODES: Dict[str, Dict[str, Any]] = {
+    "fp32": {"amp": False},
+    "amp": {"amp": True},
+    "fp32_contiguous": {"amp": False, "channels_last": False},
+}
+DEFAULT_MODES = ("fp32", "amp")
+
+
+def _check_modes(modes: Sequence[str]) -> List[str]:
+    modes = list(modes)
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise ValueError(f"unknown speed modes {unknown or modes}; choose from {sorted(MODES)}.")
+    return modes
 
 
 def _workflow(bundle: str, bundle_root: str, overrides: Dict[str, Any], configs: Sequence[str] = ("train",)):
@@ -72,6 +93,7 @@ def bundle_iteration_seconds(
         trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda _: stamps.append(time.perf_counter()))
         loader = wf.parser.get_parsed_content("train#dataloader")
         batch = int(wf.parser.get_parsed_content("batch_size"))
+        precision = wf.parser.get_parsed_content("precision")
         patch = list(wf.parser.get_parsed_content("patch_size"))
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -89,6 +111,7 @@ def bundle_iteration_seconds(
         "bundle": bundle,
         "patch_size": patch,
         "batch_size": batch,
+        "precision": precision,
         "seconds_per_iteration": statistics.median(steps),
         "steps": [round(s, 4) for s in steps],
         "loader_volumes_per_second": batch / loader_s,
@@ -101,72 +124,120 @@ def bundle_iteration_seconds(
 
 
 def bare_iteration_seconds(
-    patch_size: Sequence[int], batch_size: int, warmup: int, iterations: int, amp: bool = False
-) -> float:
-    """Median seconds of forward + DiceCE loss + backward + SGD step of the VNet on an in-memory batch."""
+    patch_size: Sequence[int], batch_size: int, warmup: int, iterations: int, modes: Sequence[str] = DEFAULT_MODES
+) -> Dict[str, float]:
+    """Median seconds of forward + DiceCE loss + backward + SGD step of the VNet on an in-memory batch, per mode;
+    the modes take turns step by step (one network per mode, same initial weights), so drift of the machine falls
+    on all of them alike."""
     from medssl.losses import supervised_loss
     from medssl.networks import VNet
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    net = VNet().to(device).train()
     loss_fn = supervised_loss()
-    opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
-    scaler = torch.amp.GradScaler("cuda", enabled=amp)
     x = torch.randn(batch_size, 1, *patch_size, device=device)
     y = (torch.rand(batch_size, 1, *patch_size, device=device) > 0.9).float()
-    steps = []
+    setups = {}
+    for mode in _check_modes(modes):
+        torch.manual_seed(0)
+        precision = resolve_precision(MODES[mode]["amp"], device)
+        channels_last = MODES[mode].get("channels_last", device.type == "cpu")
+        net = prepare_network(VNet(), device, channels_last).train()
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+        scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
+        setups[mode] = (MixedPrecision(net, precision, channels_last), opt, scaler)
+    steps: Dict[str, List[float]] = {m: [] for m in setups}
     for i in range(warmup + iterations):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        opt.zero_grad(set_to_none=False)
-        with torch.autocast(device.type, enabled=amp):
+        for mode, (net, opt, scaler) in setups.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            opt.zero_grad(set_to_none=False)
             loss = loss_fn(net(x), y)
-        scaler.scale(loss).backward()
-        scaler.step(opt)
-        scaler.update()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            steps.append(time.perf_counter() - t)
-    return statistics.median(steps)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if i >= warmup:
+                steps[mode].append(time.perf_counter() - t)
+    return {m: statistics.median(v) for m, v in steps.items()}
+
+
+def _foreground(engine: Any) -> List[np.ndarray]:
+    """The foreground masks of an evaluator's current (decollated, one-hot) predictions."""
+    return [np.asarray(item["pred"][1:].sum(0).cpu() > 0) for item in engine.state.output]
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    total = int(a.sum()) + int(b.sum())
+    return 1.0 if total == 0 else 2.0 * int(np.logical_and(a, b).sum()) / total
 
 
 def sliding_window_seconds(
-    dataset_dir: str, patch_size: Sequence[int], weights: Optional[str], stride: Sequence[int], num_volumes: int = 1
+    dataset_dir: str,
+    patch_size: Sequence[int],
+    weights: Optional[str],
+    stride: Sequence[int],
+    num_volumes: int = 1,
+    modes: Sequence[str] = DEFAULT_MODES,
 ) -> Dict[str, Any]:
-    """Seconds per volume of la_seg_finetune's evaluation with the paper's stride and with overlap 0.5 (and the
-    mean Dice of each when ``weights`` are given), on the first ``num_volumes`` test volumes."""
+    """Seconds per volume of la_seg_finetune's evaluation with the paper's stride and with overlap 0.5 in each mode
+    (and the mean Dice of each when ``weights`` are given), on the first ``num_volumes`` test volumes; with several
+    modes, ``agreement`` is the mean Dice between each mode's foreground and the first mode's (same weights)."""
     from ignite.engine import Events
 
-    out = {}
-    for name, extra in (("paper_stride", {"sw_stride": list(stride)}), ("overlap_0.5", {})):
-        with tempfile.TemporaryDirectory() as tmp:
-            overrides = {
-                "dataset_dir": dataset_dir,
-                "patch_size": list(patch_size),
-                "validate#dataset#data": f"$medssl.data.eval_list(@dataset_dir, 'test', required=True)[:{num_volumes}]",
-                **extra,
-            }
-            (Path(tmp) / "models").mkdir()
-            if weights:
-                (Path(tmp) / "models" / "model.pt").symlink_to(Path(weights).resolve())
-            else:  # timing only: an untrained network
-                from medssl.networks import VNet
+    out: Dict[str, Any] = {}
+    with tempfile.TemporaryDirectory() as weights_dir:
+        if not weights:  # timing only: an untrained network, the same one for every mode
+            from medssl.networks import VNet
 
-                torch.save(VNet().state_dict(), Path(tmp) / "models" / "model.pt")
-            wf = _workflow("la_seg_finetune", tmp, overrides, ("train", "evaluate"))
-            evaluator = wf.parser.get_parsed_content("validate#evaluator")
-            stamps: List[float] = []
-            evaluator.add_event_handler(Events.ITERATION_STARTED, lambda _: stamps.append(time.perf_counter()))
-            evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda _: stamps.append(time.perf_counter()))
-            evaluator.run()
-            seconds = [b - a for a, b in zip(stamps[::2], stamps[1::2])]
-            out[name] = {"seconds_per_volume": statistics.mean(seconds), "volumes": len(seconds)}
-            if weights:
-                out[name]["dice"] = float(evaluator.state.metrics["dice"])
-            wf.finalize()
+            torch.manual_seed(0)
+            weights = str(Path(weights_dir) / "model.pt")
+            torch.save(VNet().state_dict(), weights)
+            trained = False
+        else:
+            trained = True
+        for name, extra in (("paper_stride", {"sw_stride": list(stride)}), ("overlap_0.5", {})):
+            masks: Dict[str, List[np.ndarray]] = {}
+            for mode in _check_modes(modes):
+                with tempfile.TemporaryDirectory() as tmp:
+                    overrides = {
+                        "dataset_dir": dataset_dir,
+                        "patch_size": list(patch_size),
+                        "validate#dataset#data": "$medssl.data.eval_list(@dataset_dir, 'test', required=True)"
+                        f"[:{num_volumes}]",
+                        **extra,
+                        **MODES[mode],
+                    }
+                    (Path(tmp) / "models").mkdir()
+                    (Path(tmp) / "models" / "model.pt").symlink_to(Path(weights).resolve())
+                    wf = _workflow("la_seg_finetune", tmp, overrides, ("train", "evaluate"))
+                    evaluator = wf.parser.get_parsed_content("validate#evaluator")
+                    stamps: List[float] = []
+                    masks[mode] = []
+                    evaluator.add_event_handler(Events.ITERATION_STARTED, lambda _: stamps.append(time.perf_counter()))
+                    evaluator.add_event_handler(
+                        Events.ITERATION_COMPLETED, lambda _: stamps.append(time.perf_counter())
+                    )
+                    evaluator.add_event_handler(
+                        Events.ITERATION_COMPLETED, lambda e: masks[mode].extend(_foreground(e))
+                    )
+                    evaluator.run()
+                    seconds = [b - a for a, b in zip(stamps[::2], stamps[1::2])]
+                    entry = {
+                        "precision": wf.parser.get_parsed_content("precision"),
+                        "seconds_per_volume": statistics.mean(seconds),
+                        "volumes": len(seconds),
+                    }
+                    if trained:
+                        entry["dice"] = float(evaluator.state.metrics["dice"])
+                    out.setdefault(name, {})[mode] = entry
+                    wf.finalize()
+            first = next(iter(masks))
+            for mode in list(masks)[1:]:
+                out[name][mode][f"agreement_with_{first}"] = float(
+                    np.mean([_dice(a, b) for a, b in zip(masks[first], masks[mode])])
+                )
     return out
 
 
@@ -180,6 +251,8 @@ def speed(
     weights: Optional[str] = None,
     stride: Sequence[int] = (18, 18, 4),
     num_volumes: int = 1,
+    modes: Sequence[str] = DEFAULT_MODES,
+    repeats: int = 1,
 ) -> Dict[str, Any]:
     """Run the speed benchmark and write ``out/speed.json`` and ``out/speed.md`` (see the module docstring).
 
@@ -187,15 +260,18 @@ def speed(
         dataset_dir: data with a ``"test"`` list (e.g. the dev split of ``python -m medssl dev_split``).
         overrides: bundle overrides for every training measurement (default: none, i.e. the paper's patch/batch).
         weights: la_seg_finetune weights for the inference Dice (optional).
+        modes: precision modes (:data:`MODES`), measured side by side: each bundle runs in every mode in turn.
+        repeats: rounds over the modes per bundle (the median over rounds is reported).
     """
+    modes = _check_modes(modes)
     overrides = dict(overrides or {})
-    amp = torch.cuda.is_available()
+    cuda = torch.cuda.is_available()
     # the bundles tune the allocator in their initialize step: do it first, so the bare loop runs under it too
     tuned = tune_cpu_allocator(overrides.get("cpu_allocator_tuning", True))
     results: Dict[str, Any] = {
-        "device": torch.cuda.get_device_name(0) if amp else platform.processor() or "cpu",
+        "device": torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine() or "cpu",
         "torch_threads": torch.get_num_threads(),
-        "amp": amp,
+        "modes": {m: MODES[m] for m in modes},
         "cpu_allocator_tuning": tuned,
         "bundles": [],
         "overrides": overrides,
@@ -205,43 +281,69 @@ def speed(
     num_labeled = max(1, min(8, len(load_datalist(dataset_dir)["training"]) - 1))  # leave unlabeled volumes
     for bundle in bundles:
         extra = {"num_labeled": num_labeled} if bundle in SEGMENTATION_BUNDLES else {}
-        results["bundles"].append(
-            bundle_iteration_seconds(bundle, dataset_dir, warmup, iterations, {**extra, **overrides})
-        )
-    bare = {}
+        rounds: Dict[str, List[Dict[str, Any]]] = {m: [] for m in modes}
+        for _ in range(max(1, int(repeats))):
+            for mode in modes:
+                rounds[mode].append(
+                    bundle_iteration_seconds(
+                        bundle, dataset_dir, warmup, iterations, {**extra, **overrides, **MODES[mode]}
+                    )
+                )
+        for mode, runs in rounds.items():
+            r = dict(runs[0])
+            r["mode"] = mode
+            r["seconds_per_iteration"] = statistics.median(x["seconds_per_iteration"] for x in runs)
+            r["steps"] = [s for x in runs for s in x["steps"]]
+            results["bundles"].append(r)
+    bare: Dict[tuple, Dict[str, float]] = {}
     for r in results["bundles"]:
         if r["bundle"] in SEGMENTATION_BUNDLES:
             key = (tuple(r["patch_size"]), 4)  # 4 volumes per iteration: 4 labeled, or 2 labeled + 2 unlabeled
             if key not in bare:
-                bare[key] = bare_iteration_seconds(key[0], key[1], warmup, iterations, amp)
-            r["bare_seconds_per_iteration"] = bare[key]
-            r["ratio_to_bare"] = r["seconds_per_iteration"] / bare[key]
+                bare[key] = bare_iteration_seconds(key[0], key[1], warmup, iterations, modes)
+            r["bare_seconds_per_iteration"] = bare[key][r["mode"]]
+            r["ratio_to_bare"] = r["seconds_per_iteration"] / bare[key][r["mode"]]
     patch = next((r["patch_size"] for r in results["bundles"] if r["bundle"] == "la_seg_finetune"), [112, 112, 80])
-    results["inference"] = sliding_window_seconds(dataset_dir, patch, weights, stride, num_volumes)
+    results["inference"] = sliding_window_seconds(dataset_dir, patch, weights, stride, num_volumes, modes)
     results["peak_rss_mb"] = _peak_rss_mb()
     out_dir = Path(out)
     write_json(results, out_dir / "speed.json")
-    lines = [
-        f"# medssl speed — {results['device']} ({results['torch_threads']} threads, AMP {amp}, "
-        f"CPU allocator tuning {tuned})",
-        "",
-        "| bundle | patch | batch | s / iteration | bare VNet s / it (4 volumes) | ratio | loader vol/s | "
-        "demand vol/s |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results["bundles"]:
-        bare_s = f"{r['bare_seconds_per_iteration']:.3f}" if "bare_seconds_per_iteration" in r else "-"
-        ratio = f"{r['ratio_to_bare']:.2f}" if "ratio_to_bare" in r else "-"
-        lines.append(
-            f"| {r['bundle']} | {'x'.join(map(str, r['patch_size']))} | {r['batch_size']} | "
-            f"{r['seconds_per_iteration']:.3f} | {bare_s} | {ratio} | {r['loader_volumes_per_second']:.1f} | "
-            f"{r['demand_volumes_per_second']:.2f} |"
-        )
-    lines += ["", "| sliding window | s / volume | Dice |", "|---|---|---|"]
-    for name, r in results["inference"].items():
-        lines.append(f"| {name} | {r['seconds_per_volume']:.2f} | {r.get('dice', float('nan')):.4f} |")
-    lines += ["", f"Peak resident memory of the process: {results['peak_rss_mb']:.0f} MB."]
+    lines = _report(results, modes, tuned)
     with atomic_path(out_dir / "speed.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return results
+
+
+def _report(results: Dict[str, Any], modes: List[str], tuned: bool) -> List[str]:
+    first = modes[0]
+    lines = [
+        f"# medssl speed — {results['device']} ({results['torch_threads']} threads, CPU allocator tuning {tuned})",
+        "",
+        "Modes: " + "; ".join(f"`{m}` = {', '.join(f'{k} {v}' for k, v in MODES[m].items())}" for m in modes) + ".",
+        "",
+        "| bundle | patch | batch | mode | precision | s / iteration | speed-up vs "
+        f"{first} | bare VNet s / it (4 volumes) | ratio to bare | loader vol/s | demand vol/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    base = {r["bundle"]: r["seconds_per_iteration"] for r in results["bundles"] if r["mode"] == first}
+    for r in results["bundles"]:
+        bare_s = f"{r['bare_seconds_per_iteration']:.3f}" if "bare_seconds_per_iteration" in r else "-"
+        ratio = f"{r['ratio_to_bare']:.2f}" if "ratio_to_bare" in r else "-"
+        lines.append(
+            f"| {r['bundle']} | {'x'.join(map(str, r['patch_size']))} | {r['batch_size']} | {r['mode']} | "
+            f"{r['precision']} | {r['seconds_per_iteration']:.3f} | "
+            f"{base[r['bundle']] / r['seconds_per_iteration']:.2f}x | {bare_s} | {ratio} | "
+            f"{r['loader_volumes_per_second']:.1f} | {r['demand_volumes_per_second']:.2f} |"
+        )
+    lines += ["", f"| sliding window | mode | precision | s / volume | Dice | label agreement with {first} |"]
+    lines += ["|---|---|---|---|---|---|"]
+    for name, per_mode in results["inference"].items():
+        for mode, r in per_mode.items():
+            agree = r.get(f"agreement_with_{first}")
+            lines.append(
+                f"| {name} | {mode} | {r['precision']} | {r['seconds_per_volume']:.2f} | "
+                f"{r.get('dice', float('nan')):.4f} | {'-' if agree is None else f'{100 * agree:.2f} %'} |"
+            )
+    lines += ["", f"Peak resident memory of the process: {results['peak_rss_mb']:.0f} MB."]
+    return lines
