@@ -44,7 +44,9 @@ def test_tuned_allocator_reuses_freed_memory():
     assert all(f >= 16000 for f in plain["faults"]), plain
     tuned = _probe("true")
     assert tuned["applied"] is True
-    assert max(tuned["faults"][-3:]) < 200, tuned  # measured: [16376, 16384, 0, 0, 0, 0]
+    # measured: [16376, 16384, 0, 0, 0, 0]; on a loaded machine the kernel may reclaim the idle heap pages once
+    # (seen: [16378, 16384, 0, 16384, 0, 0]), so 3 of the 4 reuses must fault nothing (untuned: all 4 fault)
+    assert sum(f < 200 for f in tuned["faults"][2:]) >= 3, tuned
 
 
 def test_tuning_can_be_turned_off_by_environment():
