@@ -177,18 +177,23 @@ def test_evaluate_and_inference_agree_with_independent_metrics(trained, sample_d
     with open(root / "eval" / "metrics.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [r["case"] for r in rows] == ["sample_004", "sample_005", "mean", "std", "n_nan"]
-    bundle_cmd(
-        "run", "--config_file", configs(name, "inference"), "--bundle_root", root, "--dataset_dir", sample_dir, *TINY
-    )
-    for row in rows[:2]:
-        image = nib.load(sample_dir / "imagesTr" / f"{row['case']}.nii.gz")
-        pred = nib.load(root / "eval" / f"{row['case']}_seg.nii.gz")
-        assert pred.shape == image.shape and pred.get_data_dtype() == np.uint8
-        np.testing.assert_allclose(pred.affine, image.affine)
-        assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1}
-        label = np.asarray(nib.load(sample_dir / "labelsTr" / f"{row['case']}.nii.gz").dataobj)
-        for k, v in case_metrics(np.asarray(pred.dataobj), label).items():
-            assert float(row[k]) == pytest.approx(v, abs=1e-5, nan_ok=True), (row["case"], k)
+    # inference: largest connected component by default (the evaluation's *_lcc columns), or every component (its
+    # main columns, the papers' protocol)
+    for suffix, extra in (("_lcc", []), ("", ["--largest_component", "false"])):
+        out = root / f"infer{suffix}"
+        bundle_cmd(
+            "run", "--config_file", configs(name, "inference"), "--bundle_root", root, "--dataset_dir", sample_dir,
+            "--output_dir", out, *TINY, *extra,
+        )
+        for row in rows[:2]:
+            image = nib.load(sample_dir / "imagesTr" / f"{row['case']}.nii.gz")
+            pred = nib.load(out / f"{row['case']}_seg.nii.gz")
+            assert pred.shape == image.shape and pred.get_data_dtype() == np.uint8
+            np.testing.assert_allclose(pred.affine, image.affine)
+            assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1}
+            label = np.asarray(nib.load(sample_dir / "labelsTr" / f"{row['case']}.nii.gz").dataobj)
+            for k, v in case_metrics(np.asarray(pred.dataobj), label).items():
+                assert float(row[k + suffix]) == pytest.approx(v, abs=1e-5, nan_ok=True), (row["case"], k + suffix)
     assert float(rows[2]["dice"]) == pytest.approx(np.mean([float(r["dice"]) for r in rows[:2]]), abs=1e-5)
 
 

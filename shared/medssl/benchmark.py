@@ -89,14 +89,15 @@ PROFILES: Dict[str, Profile] = {
     ),
     "cpu": Profile(
         name="cpu",
-        description="a reduced protocol for 2 CPU cores: volumes downsampled x2 (1.25 mm), patch 64x64x32, 1000 "
-        "iterations (lr x0.1 at 416), PCRL pre-training 600 iterations of batch 4 at lr 0.01; sliding window "
-        "overlap 0.5",
+        description="a reduced protocol for 2 CPU cores: volumes downsampled x2 (1.25 mm) and the bundles' spacing "
+        "set to that grid, patch 64x64x32, 1000 iterations (lr x0.1 at 416), PCRL pre-training 600 iterations of "
+        "batch 4 at lr 0.01; sliding window overlap 0.5",
         labels=(8,),
         num_train=60,
         downsample=2,
         train={
             "patch_size": [64, 64, 32],
+            "spacing": [1.25, 1.25, 1.25],
             "max_iterations": 1000,
             "lr_step": _lr_step(1000),
             "save_interval": 250,
@@ -104,6 +105,7 @@ PROFILES: Dict[str, Profile] = {
         },
         pretrain={
             "patch_size": [64, 64, 32],
+            "spacing": [1.25, 1.25, 1.25],
             "max_iterations": 600,
             "batch_size": 4,
             "learning_rate": 0.01,
@@ -194,7 +196,9 @@ def plan_runs(
         evaluate = {
             "dataset_dir": str(data_dir),
             "bundle_root": str(d),
-            **{k: v for k, v in profile.train.items() if k in ("patch_size", "sw_batch_size", "num_workers")},
+            **{
+                k: v for k, v in profile.train.items() if k in ("patch_size", "spacing", "sw_batch_size", "num_workers")
+            },
             **profile.evaluate,
         }
         runs.append(

@@ -29,6 +29,8 @@ __all__ = [
     "eval_list",
     "image_list",
     "check_headers",
+    "voxel_spacing",
+    "resampled_shape",
     "InfiniteSampler",
     "write_nifti",
     "write_json",
@@ -190,11 +192,13 @@ def labeled_list(
     num_labeled: Optional[int] = None,
     patch_size: Optional[Sequence[int]] = None,
     pad_small_volumes: bool = False,
+    spacing: Optional[Sequence[float]] = None,
 ) -> List[Dict[str, Any]]:
     """The first ``num_labeled`` ``"training"`` entries (all when None), each with an image and a label file.
 
-    The NIfTI headers are checked here (cheap; no voxels read): 3D volumes, label shape and affine equal to
-    the image's, and, with ``patch_size``, every side at least the patch side unless ``pad_small_volumes``.
+    The NIfTI headers are checked here (cheap; no voxels read): 3D volumes, a sane affine, label shape and affine
+    equal to the image's, and, with ``patch_size``, every side at least the patch side unless ``pad_small_volumes``
+    (on the ``spacing`` grid when given: the preprocessing resamples to it first).
 
     Raises:
         DataError: bad datalist, ``num_labeled`` out of range, a missing or unreadable file, or a bad header.
@@ -211,7 +215,7 @@ def labeled_list(
     _require_files(entries, ("image", "label"), source)
     pad = as_bool(pad_small_volumes, "pad_small_volumes")
     for e in entries:
-        check_headers(e["image"], e["label"], None if pad else patch_size)
+        check_headers(e["image"], e["label"], None if pad else patch_size, spacing)
     return entries
 
 
@@ -221,6 +225,7 @@ def unlabeled_list(
     patch_size: Optional[Sequence[int]] = None,
     pad_small_volumes: bool = False,
     min_count: int = 0,
+    spacing: Optional[Sequence[float]] = None,
 ) -> List[Dict[str, Any]]:
     """The ``"training"`` entries after the first ``num_labeled``, as image-only entries: their labels are
     dropped and never read (an unlabeled entry needs no label file). Image headers are checked as in
@@ -243,7 +248,7 @@ def unlabeled_list(
     _require_files(entries, ("image",), source)
     pad = as_bool(pad_small_volumes, "pad_small_volumes")
     for e in entries:
-        check_headers(e["image"], None, None if pad else patch_size)
+        check_headers(e["image"], None, None if pad else patch_size, spacing)
     return entries
 
 
@@ -291,32 +296,84 @@ def image_list(dataset_dir: os.PathLike | str, key: str = "test") -> List[str]:
 # -- checking volumes --------------------------------------------------------------------------------------
 
 
+# voxel sizes a scan of a body can have; outside them a header is wrong (a 0 or an unset pixdim, metres for mm)
+MIN_SPACING_MM, MAX_SPACING_MM = 0.01, 100.0
+
+
+def voxel_spacing(affine: np.ndarray, path: os.PathLike | str = "<image>") -> np.ndarray:
+    """Voxel sizes (mm) of a NIfTI ``affine``, checked: finite, invertible, each within 0.01-100 mm.
+
+    Raises:
+        DataError: naming ``path``: a non-finite or singular affine, or an absurd voxel size.
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4) or not np.isfinite(affine).all():
+        raise DataError(f"{path}: the header's affine is not a finite 4x4 matrix:\n{affine}")
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    det = abs(np.linalg.det(affine[:3, :3]))
+    if not (zooms > 0).all() or det <= 1e-6 * float(np.prod(zooms)):
+        raise DataError(
+            f"{path}: the header's affine is singular (voxel axes {np.round(zooms, 4).tolist()} mm, determinant "
+            f"{det:.3g}); it cannot be oriented or resampled. Fix the file's sform/qform (or pixdim)."
+        )
+    if ((zooms < MIN_SPACING_MM) | (zooms > MAX_SPACING_MM)).any():
+        raise DataError(
+            f"{path}: voxel spacing {np.round(zooms, 4).tolist()} mm is outside {MIN_SPACING_MM}-{MAX_SPACING_MM} mm; "
+            "the header's pixdim / affine is wrong (unset, or not in millimetres)."
+        )
+    return zooms
+
+
+def resampled_shape(shape: Sequence[int], affine: np.ndarray, spacing: Sequence[float]) -> Tuple[int, ...]:
+    """The spatial shape after ``Orientationd("RAS")`` and ``Spacingd(spacing)``, computed from the header alone
+    with MONAI's own shape rule (the span of the first and last voxel centres, rounded on the new grid)."""
+    from monai.data.utils import compute_shape_offset, zoom_affine
+
+    voxel_spacing(affine)
+    affine = np.asarray(affine, dtype=np.float64)
+    ornt = nib.orientations.io_orientation(affine)
+    ras_shape = [0, 0, 0]
+    for i, (axis, _) in enumerate(ornt):
+        ras_shape[int(axis)] = int(shape[i])
+    ras_affine = affine @ nib.orientations.inv_ornt_aff(ornt, shape)
+    new_affine = zoom_affine(ras_affine, np.broadcast_to(np.asarray(spacing, dtype=np.float64), (3,)), diagonal=False)
+    out, _ = compute_shape_offset(ras_shape, ras_affine, new_affine)
+    return tuple(int(s) for s in out)
+
+
 def check_headers(
     image_path: os.PathLike | str,
     label_path: Optional[os.PathLike | str] = None,
     min_shape: Optional[Sequence[int]] = None,
+    spacing: Optional[Sequence[float]] = None,
 ) -> Tuple[int, ...]:
-    """Check a case's NIfTI headers (no voxels read) and return the image's spatial shape.
+    """Check a case's NIfTI headers (no voxels read) and return the image's spatial shape (on the ``spacing``
+    grid, RAS-ordered, when ``spacing`` is given: what the bundles' preprocessing makes of it).
 
     Raises:
         DataError: naming the file: not NIfTI / unreadable, not 3D (a 4D volume with one channel is accepted),
-            label shape or affine different from the image's, or a side smaller than ``min_shape``.
+            a singular affine or an absurd voxel size, label shape or affine different from the image's, or a side
+            smaller than ``min_shape``.
     """
     image = _load_header(image_path)
     shape = _spatial_shape(image, image_path)
+    voxel_spacing(image.affine, image_path)
+    if spacing is not None:
+        shape = resampled_shape(shape, image.affine, spacing)
     if min_shape is not None:
         small = [(i, s, m) for i, (s, m) in enumerate(zip(shape, min_shape)) if s < int(m)]
         if small:
+            grid = f" on the {list(spacing)} mm grid" if spacing is not None else ""
             raise DataError(
-                f"{image_path}: volume shape {shape} is smaller than patch_size {list(min_shape)} along axes "
+                f"{image_path}: volume shape {shape}{grid} is smaller than patch_size {list(min_shape)} along axes "
                 f"{[i for i, _, _ in small]}; use a smaller --patch_size, or --pad_small_volumes true to zero-pad."
             )
     if label_path is None:
         return shape
     label = _load_header(label_path)
-    lshape = _spatial_shape(label, label_path)
-    if lshape != shape:
-        raise DataError(f"{label_path}: label shape {lshape} differs from image shape {shape} ({image_path}).")
+    lshape, ishape = _spatial_shape(label, label_path), _spatial_shape(image, image_path)
+    if lshape != ishape:
+        raise DataError(f"{label_path}: label shape {lshape} differs from image shape {ishape} ({image_path}).")
     if not np.allclose(label.affine, image.affine, atol=1e-3):
         raise DataError(
             f"{label_path}: label affine differs from the image's ({image_path});\n"
