@@ -2,12 +2,10 @@
 evaluate, inference and MONAI Label; predictions come back in the input's own grid; a real LA case handed over as
 a clinic would gives the same segmentation; bad geometry is refused with the file named."""
 
-import json
 
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from helpers import BUNDLES, bundle_cmd, configs, real_subset
 from monai.bundle import ConfigParser
 from scipy import ndimage
