@@ -146,7 +146,10 @@ def test_bad_input_stops_with_named_file(case, sample_dir, tmp_path):
         data, expected = tmp_path, f"{tmp_path}/dataset.json: file not found"
     elif case == "patch_too_large":
         extra = ["--patch_size", "[64,32,32]", "--num_labeled", 3]
-        expected = "sample_000.nii.gz: volume shape (48, 48, 32) on the [0.625, 0.625, 0.625] mm grid is smaller than patch_size [64, 32, 32]"
+        expected = (
+            "sample_000.nii.gz: volume shape (48, 48, 32) on the [0.625, 0.625, 0.625] mm grid is smaller than "
+            "patch_size [64, 32, 32]"
+        )
     else:
         extra, expected = ["--num_labeled", 9], "num_labeled=9 is out of range"
     proc = bundle_cmd(
