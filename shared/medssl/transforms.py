@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from typing import Any, Hashable, Mapping, Sequence
 
 import numpy as np
@@ -12,7 +11,7 @@ from scipy import ndimage
 from medssl.data import DataError
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import LoadImaged, MapTransform, RandomizableTransform
+from monai.transforms import MapTransform, RandomizableTransform
 from monai.utils import convert_to_dst_type
 
 __all__ = [
@@ -655,13 +654,12 @@ class RandSpatialCoded(RandomizableTransform, MapTransform):
         return d
 
 
-class LoadVolumed(LoadImaged):
+class LoadVolumed(MapTransform):
     """MONAI's ``LoadImaged`` that reports an unreadable file as a :class:`medssl.data.DataError` naming it.
 
     ``LoadImaged`` lets the reader's own exception through (an ``EOFError`` of gzip, a ``ValueError`` of nibabel,
-    ...), wrapped by MONAI's transform error, without saying which of a case's files failed. This loads exactly as
-    ``LoadImaged`` (it is one, so tools that adapt ``LoadImaged`` steps, such as MONAI Label, adapt it too) and, on
-    failure, reads each of the entry's files on its own to name the culprit.
+    ...), wrapped by MONAI's transform error, without saying which of a case's files failed. This loads through
+    ``LoadImaged`` unchanged and, on failure, reads each of the entry's files on its own to name the culprit.
 
     Args:
         keys, **kwargs: as ``monai.transforms.LoadImaged`` (``ensure_channel_first``, ``image_only``, ...).
@@ -670,14 +668,18 @@ class LoadVolumed(LoadImaged):
         DataError: ``"<file>: not a readable NIfTI volume (<reason>)"``.
     """
 
-    def __call__(self, data: Mapping[Hashable, Any], reader=None) -> dict:
+    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False, **kwargs) -> None:
+        from monai.transforms import LoadImaged
+
+        super().__init__(keys, allow_missing_keys)
+        self.loader = LoadImaged(keys, allow_missing_keys=allow_missing_keys, **kwargs)
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
         try:
-            return super().__call__(data, reader)
+            return self.loader(data)
         except Exception as e:  # the readers raise many types; name the file instead
             culprit, reason = None, f"{type(e).__name__}: {e}"
             for key in self.key_iterator(dict(data)):
-                if not isinstance(data[key], (str, os.PathLike)):
-                    continue
                 try:
                     import nibabel as nib
 
