@@ -191,3 +191,13 @@ def test_monailabel_server_info_infer_train(tmp_path):
     server_log = (tmp_path / "server.log").read_text()
     assert "training on 2 labeled and 2 unlabeled images" in server_log
     assert "Iter: 2/2" in server_log and "saved final weights (iteration 2)" in server_log
+
+
+def test_request_keys_are_stashed_and_restored():
+    """MONAI Label's "image_path" would be taken for the image's metadata by Spacingd; the app moves it aside."""
+    from medssl.label import StashRequestKeys
+
+    data = {"image": "/s/a.nii.gz", "image_path": "/s/a.nii.gz", "model": "m"}
+    stashed = StashRequestKeys()(data)
+    assert "image_path" not in stashed and stashed["medssl_stashed_image_path"] == "/s/a.nii.gz"
+    assert StashRequestKeys(restore=True)(stashed) == data

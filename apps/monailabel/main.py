@@ -32,12 +32,30 @@ from monailabel.tasks.train.bundle import BundleTrainTask
 from monailabel.utils.others.generic import strtobool
 
 import monai.bundle
-from medssl.label import SEMI_SUPERVISED, SERVED_BUNDLES, prepare_models, publish_weights, write_datastore_split
+from medssl.label import (
+    SEMI_SUPERVISED,
+    SERVED_BUNDLES,
+    StashRequestKeys,
+    prepare_models,
+    publish_weights,
+    write_datastore_split,
+)
 
 logger = logging.getLogger(__name__)
 
 # bundle settings a /train request may change (besides MONAI Label's own: device, pretrained, val_split, ...)
 TRAIN_OPTIONS = ("max_iterations", "patch_size", "batch_size", "learning_rate", "lr_step", "num_workers")
+
+
+class MedsslInferTask(BundleInferTask):
+    """The bundle's inference.json as MONAI Label's auto-segmentation, with its request keys kept out of the way of
+    the bundle's preprocessing (see ``medssl.label.StashRequestKeys``)."""
+
+    def pre_transforms(self, data=None):
+        return [StashRequestKeys()] + list(super().pre_transforms(data))
+
+    def post_transforms(self, data=None):
+        return list(super().post_transforms(data)) + [StashRequestKeys(restore=True)]
 
 
 class MedsslTrainTask(BundleTrainTask):
@@ -131,7 +149,7 @@ class MedsslApp(MONAILabelApp):
     def init_infers(self) -> Dict[str, InferTask]:
         infers = {}
         for name, path in self.models.items():
-            task = BundleInferTask(str(path), self.conf)
+            task = MedsslInferTask(str(path), self.conf)
             if task.is_valid():
                 infers[name] = task
             else:

@@ -19,7 +19,14 @@ from typing import Dict, Optional, Sequence, Tuple
 from medssl.bundle import bundle_path
 from medssl.data import DataError, write_json
 
-__all__ = ["SERVED_BUNDLES", "SEMI_SUPERVISED", "prepare_models", "write_datastore_split", "publish_weights"]
+__all__ = [
+    "SERVED_BUNDLES",
+    "SEMI_SUPERVISED",
+    "prepare_models",
+    "write_datastore_split",
+    "publish_weights",
+    "StashRequestKeys",
+]
 
 SERVED_BUNDLES = ("la_seg_finetune", "cvrl_semisup", "simcvd_distill")
 SEMI_SUPERVISED = ("cvrl_semisup", "simcvd_distill")
@@ -116,3 +123,24 @@ def publish_weights(trained: os.PathLike | str, bundle_dir: os.PathLike | str) -
         if os.path.exists(tmp):
             os.unlink(tmp)
     return target
+
+
+class StashRequestKeys:
+    """Move MONAI Label's request entries out of the way of the bundle's preprocessing, and back (``restore=True``).
+
+    MONAI Label puts the image's path under ``"image_path"``; MONAI's ``Spacingd`` (and other spatial dictionary
+    transforms) treats every ``"image_*"`` entry of a NIfTI image as its metadata dict and calls ``.update`` on it,
+    so the string breaks the bundle's preprocessing. The app stashes it under another name before the
+    preprocessing and restores it after the postprocessing (MONAI Label's writer reads it).
+    """
+
+    def __init__(self, keys=("image_path",), restore: bool = False, prefix: str = "medssl_stashed_") -> None:
+        self.keys, self.restore, self.prefix = tuple(keys), bool(restore), prefix
+
+    def __call__(self, data):
+        d = dict(data)
+        for key in self.keys:
+            src, dst = (self.prefix + key, key) if self.restore else (key, self.prefix + key)
+            if src in d:
+                d[dst] = d.pop(src)
+        return d
