@@ -25,6 +25,7 @@ from pathlib import Path
 import fire
 import numpy as np
 
+from medssl.benchmark import override_args
 from medssl.bundle import bundle_path
 from medssl.data import atomic_path, load_datalist, write_json
 from medssl.geometry import VARIANTS, write_variant
@@ -66,9 +67,8 @@ def main(dataset_dir, bundle_root, out, bundle="la_seg_finetune", num_train=60, 
             str(vdir),
             "--output_dir",
             str(eval_dir),
+            *override_args(overrides),
         ]
-        for k, v in overrides.items():
-            cmd += [f"--{k}", json.dumps(v) if isinstance(v, (list, dict, bool)) else str(v)]
         start = time.time()
         log = out / "eval" / f"{variant}.log"
         log.parent.mkdir(parents=True, exist_ok=True)

@@ -144,7 +144,8 @@ def _configs(bundle: str, *names: str, bundles_dir: Optional[str] = None) -> str
     return files[0] if len(files) == 1 else json.dumps(files)
 
 
-def _args(overrides: Dict[str, Any]) -> List[str]:
+def override_args(overrides: Dict[str, Any]) -> List[str]:
+    """``python -m monai.bundle run`` arguments for config overrides (lists, dicts and booleans as JSON)."""
     out = []
     for k, v in overrides.items():
         out += [f"--{k}", json.dumps(v) if isinstance(v, (list, dict, bool)) else str(v)]
@@ -230,7 +231,7 @@ def _run_step(bundle: str, step: Dict[str, Any], log: Path, bundles_dir: Optiona
         "run",
         "--config_file",
         _configs(bundle, *step["config"], bundles_dir=bundles_dir),
-        *_args(overrides),
+        *override_args(overrides),
     ]
     log.parent.mkdir(parents=True, exist_ok=True)
     start = time.time()
