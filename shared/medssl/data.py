@@ -356,10 +356,9 @@ def check_headers(
             smaller than ``min_shape``.
     """
     image = _load_header(image_path)
-    shape = _spatial_shape(image, image_path)
+    stored = _spatial_shape(image, image_path)
     voxel_spacing(image.affine, image_path)
-    if spacing is not None:
-        shape = resampled_shape(shape, image.affine, spacing)
+    shape = stored if spacing is None else resampled_shape(stored, image.affine, spacing)
     if min_shape is not None:
         small = [(i, s, m) for i, (s, m) in enumerate(zip(shape, min_shape)) if s < int(m)]
         if small:
@@ -371,9 +370,9 @@ def check_headers(
     if label_path is None:
         return shape
     label = _load_header(label_path)
-    lshape, ishape = _spatial_shape(label, label_path), _spatial_shape(image, image_path)
-    if lshape != ishape:
-        raise DataError(f"{label_path}: label shape {lshape} differs from image shape {ishape} ({image_path}).")
+    lshape = _spatial_shape(label, label_path)
+    if lshape != stored:
+        raise DataError(f"{label_path}: label shape {lshape} differs from image shape {stored} ({image_path}).")
     if not np.allclose(label.affine, image.affine, atol=1e-3):
         raise DataError(
             f"{label_path}: label affine differs from the image's ({image_path});\n"
