@@ -7,6 +7,7 @@ import sys
 
 import nibabel as nib
 import numpy as np
+from conftest import LA_DIR
 from helpers import REPO
 
 
@@ -41,6 +42,18 @@ def test_demo_readme_command(tmp_path):
     for case in ("sample_004", "sample_005"):
         pred = nib.load(out / "eval" / f"{case}_seg.nii.gz")
         assert pred.shape == (96, 96, 64)
+    # it ends with the released la_seg_finetune on a real LA scan in scanner-like units (no download)
+    if not LA_DIR.is_dir():
+        assert "no LA scan found" in proc.stdout
+        return
+    case = (LA_DIR / "train.list").read_text().split()[60]
+    seg = nib.load(out / "release" / "segmentations" / f"{case}_seg.nii.gz")
+    scan = nib.load(out / "release" / "scan" / "imagesTr" / f"{case}.nii.gz")
+    assert seg.shape == scan.shape and np.allclose(seg.affine, scan.affine) and scan.get_data_dtype() == np.int16
+    dice = float(next(ln for ln in proc.stdout.splitlines() if ln.startswith("Dice with its label:")).split()[4])
+    assert dice > 0.88  # the release trained on this case: a check that weights, pull and geometry fit together
+    assert (out / "release" / "release.png").read_bytes()[:4] == b"\x89PNG"
+    assert "left atrium (mL)" in proc.stdout
 
 
 def test_sample_data_cli(tmp_path):

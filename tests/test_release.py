@@ -22,6 +22,8 @@ from medssl.release import ReleaseError, package, pull
 from medssl.sample_data import sample_data
 
 BUNDLES = {"la_seg_finetune": VNet, "cvrl_semisup": VNet, "simcvd_distill": VNet, "pcrl_pretrain": PCRLNet}
+VERSION = {n: json.loads((REPO / "bundles" / n / "configs" / "metadata.json").read_text())["version"] for n in BUNDLES}
+SEG = f"la_seg_finetune_v{VERSION['la_seg_finetune']}"
 
 
 def _free_port():
@@ -60,13 +62,13 @@ def served(tmp_path_factory):
 def test_package_is_deterministic_and_indexed(served, tmp_path):
     root, dist, base = served
     index = json.loads((dist / "bundle_index.json").read_text())
-    assert sorted(index) == sorted(f"{n}_v0.2.0" for n in BUNDLES)
+    assert sorted(index) == sorted(f"{n}_v{VERSION[n]}" for n in BUNDLES)
     for key, entry in index.items():
         data = (dist / f"{key}.zip").read_bytes()
         assert entry["checksum"] == hashlib.sha1(data).hexdigest()
         assert entry["sha256"] == hashlib.sha256(data).hexdigest()
         assert entry["source"] == f"{base}/{key}.zip"
-    names = zipfile.ZipFile(dist / "la_seg_finetune_v0.2.0.zip").namelist()
+    names = zipfile.ZipFile(dist / f"{SEG}.zip").namelist()
     assert names == sorted(names) and all(n.startswith("la_seg_finetune/") for n in names)
     assert {
         "la_seg_finetune/models/model.pt",
@@ -76,11 +78,11 @@ def test_package_is_deterministic_and_indexed(served, tmp_path):
     } <= set(names)
     # same input, same bytes (a second build into another folder)
     again = package("la_seg_finetune", out=str(tmp_path), weights=str(root / "la_seg_finetune.pt"), base_url=base)
-    assert again.read_bytes() == (dist / "la_seg_finetune_v0.2.0.zip").read_bytes()
+    assert again.read_bytes() == (dist / f"{SEG}.zip").read_bytes()
     # a version already released with other bytes is refused, the index and zip are untouched
     torch.save(VNet().state_dict(), tmp_path / "other.pt")
     before = (tmp_path / "bundle_index.json").read_text()
-    with pytest.raises(ReleaseError, match="la_seg_finetune_v0.2.0 is already released with sha256"):
+    with pytest.raises(ReleaseError, match=f"{SEG} is already released with sha256"):
         package("la_seg_finetune", out=str(tmp_path), weights=str(tmp_path / "other.pt"), base_url=base)
     assert (tmp_path / "bundle_index.json").read_text() == before
 
@@ -89,7 +91,7 @@ def test_package_is_deterministic_and_indexed(served, tmp_path):
 def test_pull_by_name_runs_inference_and_torchscript_without_medssl(name, served, tmp_path):
     root, dist, base = served
     folder = pull(name, bundle_dir=str(tmp_path / "pulled"), index=f"{base}/bundle_index.json")
-    assert folder == tmp_path / "pulled" / f"{name}_v0.2.0"
+    assert folder == tmp_path / "pulled" / f"{name}_v{VERSION[name]}"
     assert (folder / "configs" / "inference.json").is_file() and (folder / "models" / "model.pt").is_file()
     assert pull(name, bundle_dir=str(tmp_path / "pulled"), index=f"{base}/bundle_index.json") == folder  # no-op
     data = sample_data(tmp_path / "data", num_cases=2, shape=(32, 32, 32), num_test=1)
@@ -142,7 +144,7 @@ def _serve_variant(dist, tmp_path, name, mutate):
     """A copy of dist/ whose zip for ``name`` is rewritten by ``mutate(bytes) -> bytes``; index as given."""
     mirror = tmp_path / "mirror"
     shutil.copytree(dist, mirror)
-    zip_path = mirror / f"{name}_v0.2.0.zip"
+    zip_path = mirror / f"{name}_v{VERSION[name]}.zip"
     zip_path.write_bytes(mutate(zip_path.read_bytes()))
     index = json.loads((mirror / "bundle_index.json").read_text())
     for entry in index.values():
@@ -183,8 +185,8 @@ def test_unsafe_members_are_refused_even_with_a_matching_checksum(attack, served
         else:
             zf.writestr("somewhere_else/evil.txt", "x")
     mirror, index = _serve_variant(dist, tmp_path, "la_seg_finetune", lambda _: bad.read_bytes())
-    data = (mirror / "la_seg_finetune_v0.2.0.zip").read_bytes()
-    index["la_seg_finetune_v0.2.0"].update(
+    data = (mirror / f"{SEG}.zip").read_bytes()
+    index[SEG].update(
         sha256=hashlib.sha256(data).hexdigest(), checksum=hashlib.sha1(data).hexdigest()
     )
     (mirror / "bundle_index.json").write_text(json.dumps(index))
@@ -221,7 +223,7 @@ def test_stock_monai_download_and_load(served, tmp_path):
             "--name",
             "la_seg_finetune",
             "--url",
-            f"{base}/la_seg_finetune_v0.2.0.zip",
+            f"{base}/{SEG}.zip",
             "--bundle_dir",
             str(tmp_path),
         ],
@@ -259,8 +261,8 @@ def test_cli_package_and_pull(served, tmp_path):
         "",
     ]
     assert subprocess.run(cmd, cwd=REPO, capture_output=True, text=True).returncode == 0
-    assert json.loads((dist / "bundle_index.json").read_text())["la_seg_finetune_v0.2.0"]["source"] == (
-        "la_seg_finetune_v0.2.0.zip"
+    assert json.loads((dist / "bundle_index.json").read_text())[SEG]["source"] == (
+        f"{SEG}.zip"
     )  # relative: resolved next to the index, an offline mirror
     proc = subprocess.run(
         [
@@ -279,7 +281,7 @@ def test_cli_package_and_pull(served, tmp_path):
         text=True,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert (tmp_path / "b" / "la_seg_finetune_v0.2.0" / "models" / "model.ts").is_file()
+    assert (tmp_path / "b" / SEG / "models" / "model.ts").is_file()
     bad = subprocess.run(
         [
             sys.executable,

@@ -6,4 +6,4 @@ Bundle configs reach the package as ``medssl.<module>.<name>`` after ``"$import 
 __version__ = "0.1.0"
 
 # bundle configs use these
-from medssl import data, handlers, metrics, networks, precision, runtime, transforms  # noqa: E402,F401
+from medssl import bundle, data, handlers, metrics, networks, precision, runtime, transforms  # noqa: E402,F401

@@ -3,12 +3,48 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-__all__ = ["bundle_path", "run_bundle", "BUNDLE_NAMES"]
+__all__ = ["bundle_path", "run_bundle", "require_weights", "default_index", "cache_dir", "BUNDLE_NAMES"]
 
 BUNDLE_NAMES = ("la_seg_finetune", "cvrl_semisup", "simcvd_distill", "pcrl_pretrain")
+REPO_ROOT = Path(__file__).resolve().parents[2]  # shared/medssl/bundle.py -> the checkout
+
+
+def default_index() -> str:
+    """The bundle index to pull from: ``$MEDSSL_INDEX`` (a path or URL), else the checkout's ``bundle_index.json``
+    (its release zips are committed under ``releases/``: pulling needs no network)."""
+    return os.environ.get("MEDSSL_INDEX") or str(REPO_ROOT / "bundle_index.json")
+
+
+def cache_dir() -> Path:
+    """Where pulled bundles are kept: ``$MEDSSL_HOME`` or ``~/.cache/medssl`` (``bundles/NAME_vVERSION``)."""
+    return Path(os.environ.get("MEDSSL_HOME") or Path.home() / ".cache" / "medssl")
+
+
+def require_weights(path: str) -> str:
+    """``path`` if that weights file exists. Otherwise a message naming it and the two ways to get weights; under
+    ``python -m monai.bundle run`` it ends the process with that message as its last line (MONAI would bury any
+    exception raised inside a config expression under ``Failed to evaluate ConfigExpression``), elsewhere it is a
+    ``FileNotFoundError``. Bundle configs call it for ``CheckpointLoader``'s ``load_path``.
+    """
+    if os.path.isfile(path):
+        return path
+    models = Path(path).parent
+    root = models.parent
+    name = root.name.split("_v")[0] if root.name else "NAME"
+    message = (
+        f"no weights at {path}. Either train them (python -m monai.bundle run --config_file "
+        f"{root / 'configs' / 'train.json'} --bundle_root {root} --dataset_dir YOUR_DATA) or pull the released bundle "
+        f"with its weights (python -m medssl pull {name} --index bundle_index.json; or python -m medssl segment SCAN, "
+        "which pulls it for you) and pass --bundle_root to that folder."
+    )
+    main = sys.modules.get("__main__")
+    if getattr(getattr(main, "__spec__", None), "name", None) == "monai.bundle.__main__":
+        raise SystemExit(f"error: {message}")
+    raise FileNotFoundError(message)
 
 
 def bundle_path(name: str, bundles_dir: Optional[os.PathLike | str] = None) -> Path:
@@ -17,7 +53,7 @@ def bundle_path(name: str, bundles_dir: Optional[os.PathLike | str] = None) -> P
     Raises:
         FileNotFoundError: no such bundle in any of those places (they are listed).
     """
-    here = Path(__file__).resolve().parents[2] / "bundles"  # shared/medssl/bundle.py -> repo/bundles
+    here = REPO_ROOT / "bundles"
     candidates = [Path(p) for p in (bundles_dir, os.environ.get("MEDSSL_BUNDLES")) if p] + [Path("bundles"), here]
     for root in candidates:
         if (root / name / "configs" / "metadata.json").is_file():

@@ -8,6 +8,7 @@ Commands:
     benchmark    every method at 8 / 16 labels vs the supervised baseline: results.json, results.md, plots
     package      build a release zip of a bundle (with weights and TorchScript) and record it in bundle_index.json
     pull         download a released bundle by name, verify its checksum, extract it safely
+    segment      segment NIfTI scans with a released bundle: <name>_seg.nii.gz in each scan's geometry, volume in mL
     speed        seconds per iteration of every bundle vs the bare network, loader throughput, inference time
 """
 
@@ -45,11 +46,21 @@ def dev_split(dataset_dir: str, out: str, num_train: int = 60, downsample: int =
     return str(write_dev_split(dataset_dir, out, num_train=num_train, downsample=downsample))
 
 
-def demo(out: str = "demo_output", iterations: int = 200, seed: int = 0, bundles_dir: str = None) -> None:
-    """Sample data, a short la_seg_finetune training, evaluation, inference; prints metrics, writes demo.png."""
+def demo(
+    out: str = "demo_output",
+    iterations: int = 200,
+    seed: int = 0,
+    bundles_dir: str = None,
+    scan: str = None,
+    release: bool = True,
+) -> None:
+    """Sample data, a short la_seg_finetune training, evaluation, inference; prints metrics, writes demo.png; then
+    the released la_seg_finetune segments a real LA scan (or --scan) and writes release/release.png."""
     from medssl.demo import demo as _demo
 
-    _demo(out=out, iterations=iterations, seed=seed, bundles_dir=bundles_dir)
+    _demo(
+        out=out, iterations=iterations, seed=seed, bundles_dir=bundles_dir, scan=scan, release=as_bool(release, "release")
+    )
 
 
 def benchmark(
@@ -87,19 +98,70 @@ def package(
     weights: str = None,
     index: str = None,
     base_url: str = "https://github.com/medssl/medssl/releases/download",
+    half: bool = False,
+    torchscript: bool = True,
 ) -> str:
     """Build dist/NAME_vVERSION.zip (deterministic bytes; with --weights: models/model.pt and model.ts) and record
-    it in bundle_index.json (sha1 + sha256 + source URL; --base_url "" records a path relative to the index)."""
+    it in bundle_index.json (sha1 + sha256 + source URL; --base_url "" records a path relative to the index);
+    --half true stores the weights in float16, --torchscript false leaves model.ts to be exported at pull time."""
     from medssl.release import package as _package
 
-    return str(_package(bundle, out=out, weights=weights, index=index, base_url=base_url))
+    return str(
+        _package(
+            bundle,
+            out=out,
+            weights=weights,
+            index=index,
+            base_url=base_url,
+            half=as_bool(half, "half"),
+            torchscript=as_bool(torchscript, "torchscript"),
+        )
+    )
 
 
-def pull(name: str, bundle_dir: str = "bundles_pulled", version: str = None, index: str = "bundle_index.json") -> str:
-    """Download NAME from the index (path or URL), verify its sha256, extract safely to bundle_dir/NAME_vVERSION."""
+def pull(
+    name: str, bundle_dir: str = "bundles_pulled", version: str = None, index: str = None, torchscript: bool = True
+) -> str:
+    """Download NAME from the index (path or URL; default the checkout's bundle_index.json, or $MEDSSL_INDEX),
+    verify its sha256, extract safely to bundle_dir/NAME_vVERSION (exporting models/model.ts if the zip has none)."""
+    from medssl.bundle import default_index
     from medssl.release import pull as _pull
 
-    return str(_pull(name, bundle_dir=bundle_dir, version=version, index=index))
+    return str(
+        _pull(
+            name,
+            bundle_dir=bundle_dir,
+            version=version,
+            index=index or default_index(),
+            torchscript=as_bool(torchscript, "torchscript"),
+        )
+    )
+
+
+def segment(
+    *scans: str,
+    bundle: str = "la_seg_finetune",
+    out: str = "segmentations",
+    index: str = None,
+    bundle_dir: str = None,
+    device: str = None,
+    largest_component: bool = True,
+) -> None:
+    """Segment NIfTI scans (files and/or folders) with a released bundle (pulled and verified if needed; or a bundle
+    folder with weights): writes OUT/<name>_seg.nii.gz in each scan's own geometry, prints the volume in mL."""
+    from medssl.segment import print_table
+    from medssl.segment import segment as _segment
+
+    results = _segment(
+        list(scans),
+        bundle=bundle,
+        out=out,
+        index=index,
+        bundle_dir=bundle_dir,
+        device=device,
+        largest_component=as_bool(largest_component, "largest_component"),
+    )
+    print_table(results)
 
 
 def speed(
@@ -145,6 +207,7 @@ COMMANDS = {
     "prepare_la": prepare_la,
     "pull": pull,
     "sample_data": sample_data,
+    "segment": segment,
     "speed": speed,
 }
 

@@ -4,6 +4,12 @@ Writes the synthetic sample set, trains the la_seg_finetune bundle on its labele
 CPU, evaluates it on the held-out cases with the paper metrics, segments them with ``inference.json``, prints
 the metrics table and draws image / label / prediction slices to a PNG. Every step goes through the bundle's
 own configs (``python -m monai.bundle run``), so the demo exercises exactly what a user runs.
+
+Then it segments a real LA scan, handed over in scanner-like units, with the released la_seg_finetune (the zip
+committed under ``releases/``: pulled and checksum-verified, no download), as ``python -m medssl segment`` does:
+``release.png`` and the atrium's volume. The real scan comes from the LA data beside the checkout
+(``$MEDSSL_SHARED_DIR/data/la`` or ``../shared/data/la``, dev test case 61) or ``--scan``; with neither, that step
+says how to run it and is skipped.
 """
 
 from __future__ import annotations
@@ -17,11 +23,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import nibabel as nib
 import numpy as np
-from medssl.bundle import run_bundle
+from medssl.bundle import REPO_ROOT, run_bundle
 from medssl.data import atomic_path, eval_list
 from medssl.sample_data import sample_data
 
-__all__ = ["demo", "plot_cases", "read_metrics"]
+__all__ = ["demo", "plot_cases", "read_metrics", "release_demo"]
 
 logger = logging.getLogger("medssl")
 
@@ -36,6 +42,8 @@ def demo(
     shape: Sequence[int] = (96, 96, 64),
     seed: int = 0,
     bundles_dir: Optional[str] = None,
+    scan: Optional[str] = None,
+    release: bool = True,
 ) -> Dict[str, Any]:
     """Sample data -> short la_seg_finetune training -> evaluation -> inference -> table and PNG.
 
@@ -47,9 +55,10 @@ def demo(
         batch_size: patches per iteration.
         num_cases, num_test, shape, seed: the sample set (see :func:`medssl.sample_data.sample_data`).
         bundles_dir: where the bundles are (default: the checkout's ``bundles/``).
+        scan, release: see :func:`release_demo` (``release=False`` skips it).
 
     Returns:
-        ``{"metrics": {column: mean}, "png": path, "seconds": wall time}``.
+        ``{"metrics": {column: mean}, "png": path, "seconds": wall time, "release": release_demo's result}``.
     """
     start = time.time()
     out = Path(out).resolve()
@@ -80,10 +89,62 @@ def demo(
         out / "demo.png",
         titles=[f"{Path(c['image']).name.split('.')[0]}  Dice {rows[i]['dice']:.3f}" for i, c in enumerate(cases)],
     )
-    seconds = time.time() - start
     print(_format_table(rows))
-    print(f"\nper-case metrics: {metrics_csv}\nslices: {png}\nwall time: {seconds:.0f} s")
-    return {"metrics": {k: v for k, v in rows[-2].items() if k != "case"}, "png": str(png), "seconds": seconds}
+    print(f"\nper-case metrics: {metrics_csv}\nslices: {png}")
+    released = release_demo(out / "release", scan=scan) if release else None
+    seconds = time.time() - start
+    print(f"wall time: {seconds:.0f} s")
+    return {
+        "metrics": {k: v for k, v in rows[-2].items() if k != "case"},
+        "png": str(png),
+        "seconds": seconds,
+        "release": released,
+    }
+
+
+def _real_case() -> Optional[tuple]:
+    shared = Path(os.environ.get("MEDSSL_SHARED_DIR") or REPO_ROOT.parent / "shared")
+    la = shared / "data" / "la"
+    try:
+        case = (la / "train.list").read_text().split()[60]  # dev test case 61: no dev-split training saw it
+    except (OSError, IndexError):
+        return None
+    image, label = la / "imagesTr" / f"{case}.nii.gz", la / "labelsTr" / f"{case}.nii.gz"
+    return (image, label) if image.is_file() and label.is_file() else None
+
+
+def release_demo(out: os.PathLike | str, scan: Optional[str] = None) -> Optional[Dict[str, Any]]:
+    """Segment a real scan with the released la_seg_finetune: ``out/release.png`` (image, label if known,
+    prediction), the atrium's volume and, with a label, the Dice. The LA case is written in scanner-like units
+    first (``medssl.geometry``), as a clinic would send it. Returns None (and says why) when no scan is found."""
+    from medssl.geometry import write_variant
+    from medssl.segment import print_table, segment
+
+    out = Path(out)
+    if scan:
+        image, label = Path(scan), None
+    else:
+        case = _real_case()
+        if case is None:
+            print("\nreleased la_seg_finetune: no LA scan found (../shared/data/la); segment your own with\n"
+                  "  python -m medssl segment SCAN.nii.gz --out segmentations")  # fmt: skip
+            return None
+        image, label = write_variant(*case, out / "scan", "scanner_units")
+    print(f"\nreleased la_seg_finetune on a real LA MRI ({image.name}{', scanner-like units' if label else ''}):")
+    (result,) = segment([image], out=out / "segmentations", bundle_dir=str(out / "bundles"), progress=False)
+    print_table([result])
+    pred = nib.load(result["segmentation"])
+    dice = None
+    title = f"{image.name.split('.')[0]}  {result['volume_ml']:.1f} mL"
+    if label is not None:
+        a, b = np.asanyarray(pred.dataobj) > 0, np.asanyarray(nib.load(str(label)).dataobj) > 0
+        dice = float(2 * (a & b).sum() / max(1, a.sum() + b.sum()))
+        title += f"  Dice {dice:.3f}"
+        print(f"Dice with its label: {dice:.3f} (the release trained on all 80 LA cases, this one included)")
+    png = plot_cases([image], [label if label is not None else result["segmentation"]], [result["segmentation"]],
+                     out / "release.png", titles=[title])  # fmt: skip
+    print(f"slices: {png}")
+    return {**result, "dice": dice, "png": str(png)}
 
 
 def read_metrics(path: os.PathLike | str) -> List[Dict[str, Any]]:

@@ -31,7 +31,7 @@ from typing import Any, Dict, Optional, Tuple
 from medssl.bundle import bundle_path
 from medssl.data import atomic_path, write_json
 
-__all__ = ["package", "pull", "read_index", "ReleaseError", "INDEX_NAME"]
+__all__ = ["package", "pull", "read_index", "write_large_files", "ReleaseError", "INDEX_NAME"]
 
 INDEX_NAME = "bundle_index.json"
 DEFAULT_BASE_URL = "https://github.com/medssl/medssl/releases/download"
@@ -83,6 +83,8 @@ def package(
     index: Optional[str] = None,
     base_url: str = DEFAULT_BASE_URL,
     bundles_dir: Optional[str] = None,
+    half: bool = False,
+    torchscript: bool = True,
 ) -> Path:
     """Build ``out/NAME_vVERSION.zip`` and record it in the index (``out/bundle_index.json`` by default).
 
@@ -92,7 +94,10 @@ def package(
         weights: a ``models/model.pt`` to include (with its TorchScript export); None for configs only.
         index: the index file to update (default ``out/bundle_index.json``).
         base_url: where the zips will be served; ``source = base_url/NAME_vVERSION.zip``. An empty string records
-            the bare file name, which :func:`pull` resolves next to the index (a local or offline mirror).
+            the zip's path relative to the index's folder, which :func:`pull` resolves next to the index (a local
+            or offline mirror, or zips committed beside the index).
+        half: store floating-point weights as float16 (half the bytes; they load into the float32 network).
+        torchscript: include ``models/model.ts``; without it :func:`pull` exports it after extracting.
 
     Raises:
         ReleaseError: the version is already in the index with other bytes, or the weights do not load.
@@ -110,15 +115,19 @@ def package(
         if weights:
             import torch
 
+            from medssl.weights import half_state, load_state
+
             try:
-                state = torch.load(weights, map_location="cpu", weights_only=True)
-            except Exception as e:
-                raise ReleaseError(f"{weights}: not a weights file that loads with weights_only=True ({e}).") from e
+                state = load_state(weights)
+            except (FileNotFoundError, ValueError) as e:
+                raise ReleaseError(str(e)) from e
             model_pt = Path(tmp) / "model.pt"
-            torch.save(state, model_pt)
-            model_ts = Path(tmp) / "model.ts"
-            _export_torchscript(root, model_pt, model_ts)
-            files["models/model.pt"], files["models/model.ts"] = model_pt, model_ts
+            torch.save(half_state(state) if half else state, model_pt)
+            files["models/model.pt"] = model_pt
+            if torchscript:
+                model_ts = Path(tmp) / "model.ts"
+                _export_torchscript(root, model_pt, model_ts)
+                files["models/model.ts"] = model_ts
         with atomic_path(zip_path) as tmp_zip:
             with zipfile.ZipFile(tmp_zip, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
                 for rel in sorted(files):
@@ -137,10 +146,29 @@ def package(
     entries[key] = {
         "checksum": digest["sha1"],
         "sha256": digest["sha256"],
-        "source": f"{base_url.rstrip('/')}/{zip_path.name}" if base_url else zip_path.name,
+        "source": f"{base_url.rstrip('/')}/{zip_path.name}"
+        if base_url
+        else Path(os.path.relpath(zip_path.resolve(), index_path.resolve().parent)).as_posix(),
     }
     write_json(dict(sorted(entries.items())), index_path)
+    write_large_files(index_path, out_dir / "large_files.yml")
     return zip_path
+
+
+def write_large_files(index: os.PathLike | str, target: os.PathLike | str) -> Path:
+    """``large_files.yml`` in model-zoo's form (``large_files: [{path, url, hash_val, hash_type}]``) for every zip of
+    the index: ``path`` relative to the index's folder, ``url`` the source (relative sources stay relative)."""
+    entries = read_index(str(index))
+    lines = ["large_files:"]
+    for key, entry in sorted(entries.items()):
+        src = entry["source"]
+        path = src if not urllib.parse.urlparse(src).scheme else f"{key}.zip"
+        lines += [f'  - path: "{path}"', f'    url: "{src}"', f'    hash_val: "{entry.get("sha256", "")}"',
+                  '    hash_type: "sha256"']  # fmt: skip
+    target = Path(target)
+    with atomic_path(target) as tmp:
+        Path(tmp).write_text("\n".join(lines) + "\n")
+    return target
 
 
 def read_index(index: str) -> Dict[str, Dict[str, Any]]:
@@ -193,8 +221,12 @@ def _check_members(zf: zipfile.ZipFile, name: str, zip_name: str) -> None:
         seen.add(member)
 
 
-def pull(name: str, bundle_dir: str, version: Optional[str] = None, index: str = INDEX_NAME) -> Path:
+def pull(
+    name: str, bundle_dir: str, version: Optional[str] = None, index: str = INDEX_NAME, torchscript: bool = True
+) -> Path:
     """Download, verify and extract bundle ``name`` into ``bundle_dir/NAME_vVERSION`` (see the module docstring).
+    A release with ``models/model.pt`` but no ``models/model.ts`` (left out to keep the zip small) gets its
+    TorchScript exported here, before the folder is put in place (``torchscript=False`` skips that).
 
     Returns the bundle folder (already there and verified: returned as is).
 
@@ -244,6 +276,12 @@ def pull(name: str, bundle_dir: str, version: Optional[str] = None, index: str =
                 zf.extractall(extract)
         except zipfile.BadZipFile as e:
             raise ReleaseError(f"{source}: not a zip file ({e}).") from e
+        models = extract / name / "models"
+        if torchscript and (models / "model.pt").is_file() and not (models / "model.ts").is_file():
+            try:
+                _export_torchscript(extract / name, models / "model.pt", models / "model.ts")
+            except Exception as e:
+                raise ReleaseError(f"{source}: TorchScript export of models/model.pt failed ({e}).") from e
         write_json({"name": name, "version": version, "source": source, **digest}, extract / name / marker.name)
         os.replace(extract / name, target)
     return target
