@@ -106,6 +106,74 @@ def _request(url, method="GET", body=None, timeout=600):
         return r.read(), r.headers
 
 
+def _start_server(app, studies, tmp_path, *conf):
+    """``monailabel start_server`` on a free port with ``--conf`` pairs; returns (process, base URL, log, /info)."""
+    port = _free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "server.log", "w")
+    pairs = [a for i in range(0, len(conf), 2) for a in ("--conf", conf[i], conf[i + 1])]
+    server = subprocess.Popen(
+        [str(LABEL_PYTHON), "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
+         "--host", "127.0.0.1", "--port", str(port), *pairs],
+        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    info = None
+    deadline = time.time() + 300
+    while time.time() < deadline and server.poll() is None:
+        try:
+            info = json.loads(_request(f"{base}/info/", timeout=10)[0])
+            break
+        except (urllib.error.URLError, ConnectionError, OSError):
+            time.sleep(2)
+    if info is None:
+        _stop_server(server, log)
+        raise AssertionError(f"server did not answer /info/:\n{(tmp_path / 'server.log').read_text()[-6000:]}")
+    return server, base, log, info
+
+
+def _stop_server(server, log):
+    server.terminate()
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+    log.close()
+
+
+@needs_label_env
+def test_monailabel_serves_the_released_weights_on_a_scanner_units_scan(la_dir, tmp_path):
+    """``--conf bundle_index bundle_index.json`` on a fresh app: la_seg_finetune pulled from the committed release
+    (checksum verified) auto-segments a real LA case in scanner-like units, in its own geometry; cvrl_semisup, not
+    released, is served from the bundles folder without weights (trainable, no auto-segmentation)."""
+    from medssl.geometry import write_variant
+
+    case = (la_dir / "train.list").read_text().split()[60]
+    image, label = write_variant(la_dir / "imagesTr" / f"{case}.nii.gz", la_dir / "labelsTr" / f"{case}.nii.gz",
+                                 tmp_path / "clinic", "scanner_units")  # fmt: skip
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    shutil.copy(image, studies / image.name)
+    app = tmp_path / "app"
+    shutil.copytree(REPO / "apps" / "monailabel", app, ignore=shutil.ignore_patterns("model", "__pycache__"))
+    server, base, log, info = _start_server(app, studies, tmp_path, "models", "la_seg_finetune,cvrl_semisup",
+                                            "bundle_index", str(REPO / "bundle_index.json"))  # fmt: skip
+    try:
+        assert list(info["models"]) == ["la_seg_finetune"]
+        assert sorted(info["trainers"]) == ["cvrl_semisup", "la_seg_finetune"]
+        body, _ = _request(f"{base}/infer/la_seg_finetune?image={case}&output=image", method="POST")
+    finally:
+        _stop_server(server, log)
+    pred_path = tmp_path / "pred.nii.gz"
+    pred_path.write_bytes(body)
+    pred, img = nib.load(pred_path), nib.load(image)
+    assert pred.shape == img.shape
+    np.testing.assert_allclose(pred.affine, img.affine, atol=1e-4)
+    a, b = np.asanyarray(pred.dataobj) > 0, np.asanyarray(nib.load(label).dataobj) > 0
+    dice = 2 * (a & b).sum() / (a.sum() + b.sum())
+    assert dice > 0.88, dice  # the release trained on this case: weights, pull and geometry fit together
+    assert (app / "model" / "la_seg_finetune" / ".medssl_pull.json").is_file()
+
+
 @needs_label_env
 def test_monailabel_server_info_infer_train(tmp_path):
     data = sample_data(tmp_path / "data", num_cases=4, shape=(48, 48, 32), num_test=0)
@@ -136,24 +204,8 @@ def test_monailabel_server_info_infer_train(tmp_path):
     )
     assert (seg / "models" / "model.pt").is_file()
 
-    port = _free_port()
-    base = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "server.log", "w")
-    server = subprocess.Popen(
-        [str(LABEL_PYTHON), "-m", "monailabel.main", "start_server", "--app", str(app), "--studies", str(studies),
-         "--host", "127.0.0.1", "--port", str(port), "--conf", "models", "la_seg_finetune,cvrl_semisup"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path, env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )  # fmt: skip
+    server, base, log, info = _start_server(app, studies, tmp_path, "models", "la_seg_finetune,cvrl_semisup")
     try:
-        info = None
-        deadline = time.time() + 300
-        while time.time() < deadline and server.poll() is None:
-            try:
-                info = json.loads(_request(f"{base}/info/", timeout=10)[0])
-                break
-            except (urllib.error.URLError, ConnectionError, OSError):
-                time.sleep(2)
-        assert info is not None, f"server did not answer /info/:\n{(tmp_path / 'server.log').read_text()[-6000:]}"
         assert list(info["models"]) == ["la_seg_finetune"]  # cvrl_semisup has no weights yet
         assert info["models"]["la_seg_finetune"]["labels"] == {"left atrium": 1}
         assert sorted(info["trainers"]) == ["cvrl_semisup", "la_seg_finetune"]
@@ -174,12 +226,7 @@ def test_monailabel_server_info_infer_train(tmp_path):
         result = json.loads(_request(f"{base}/train/cvrl_semisup?run_sync=true", "POST", params)[0])
         assert result, "empty /train answer"
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-        log.close()
+        _stop_server(server, log)
     cvrl = app / "model" / "cvrl_semisup"
     runs = sorted((cvrl / "monailabel").iterdir())
     assert len(runs) == 1, runs

@@ -10,6 +10,7 @@ MONAI Label training run is an ordinary bundle run with ``--dataset_dir`` and ``
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -28,6 +29,7 @@ __all__ = [
     "StashRequestKeys",
 ]
 
+logger = logging.getLogger("medssl")
 SERVED_BUNDLES = ("la_seg_finetune", "cvrl_semisup", "simcvd_distill")
 SEMI_SUPERVISED = ("cvrl_semisup", "simcvd_distill")
 
@@ -42,8 +44,9 @@ def prepare_models(
     """One folder per served bundle under ``model_dir`` (MONAI Label trains into it and serves its weights).
 
     A folder already there is used as it is. Otherwise the bundle is pulled by name from ``index`` (a
-    ``bundle_index.json`` path or URL, verified as ``python -m medssl pull`` does) when one is given, or copied
-    from the bundles folder (``bundles_dir``, ``$MEDSSL_BUNDLES`` or the checkout's ``bundles/``).
+    ``bundle_index.json`` path or URL, verified as ``python -m medssl pull`` does) when it is released there, or
+    copied from the bundles folder (``bundles_dir``, ``$MEDSSL_BUNDLES`` or the checkout's ``bundles/``; without
+    weights until it is trained).
 
     Raises:
         ValueError: a name that medssl does not serve for segmentation.
@@ -53,12 +56,19 @@ def prepare_models(
         raise ValueError(f"models {unknown} cannot be served; choose from {list(SERVED_BUNDLES)}.")
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
+    released = set()
+    if index:
+        from medssl.release import read_index
+
+        released = {key.rsplit("_v", 1)[0] for key in read_index(index)}
     out = {}
     for name in names:
         target = model_dir / name
         if not (target / "configs" / "metadata.json").is_file():
             with tempfile.TemporaryDirectory(dir=model_dir, prefix=f".{name}.") as tmp:
-                if index:
+                if index and name not in released:
+                    logger.info("%s is not released in %s: served from the bundles folder, without weights", name, index)
+                if name in released:
                     from medssl.release import pull
 
                     src = pull(name, tmp, version=version, index=index)
