@@ -28,7 +28,8 @@ def require_weights(path: str) -> str:
     """``path`` if that weights file exists. Otherwise a message naming it and the two ways to get weights; under
     ``python -m monai.bundle run`` it ends the process with that message as its last line (MONAI would bury any
     exception raised inside a config expression under ``Failed to evaluate ConfigExpression``), elsewhere it is a
-    ``FileNotFoundError``. Bundle configs call it for ``CheckpointLoader``'s ``load_path``.
+    ``FileNotFoundError``. Bundle configs call it first in ``run`` of inference.json and evaluate.json (not in
+    ``CheckpointLoader``'s ``load_path``: MONAI tools instantiate the handlers without weights, e.g. ``check_properties``).
     """
     if os.path.isfile(path):
         return path
