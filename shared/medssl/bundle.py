@@ -28,8 +28,10 @@ def require_weights(path: str) -> str:
     """``path`` if that weights file exists. Otherwise a message naming it and the two ways to get weights; under
     ``python -m monai.bundle run`` it ends the process with that message as its last line (MONAI would bury any
     exception raised inside a config expression under ``Failed to evaluate ConfigExpression``), elsewhere it is a
-    ``FileNotFoundError``. Bundle configs call it first in ``run`` of inference.json and evaluate.json (not in
-    ``CheckpointLoader``'s ``load_path``: MONAI tools instantiate the handlers without weights, e.g. ``check_properties``).
+    ``FileNotFoundError``. The ``run`` of inference.json and evaluate.json is ``require_weights(...) and
+    @evaluator.run()``: the evaluator (and the checks of the input files) is built first, so bad input is reported
+    before missing weights, and nothing is checked at instantiation (MONAI's ``check_properties`` builds the
+    handlers of a bundle without weights).
     """
     if os.path.isfile(path):
         return path
