@@ -62,7 +62,9 @@ def test_release_weights_load_strictly_and_are_float16(key, pulled):
 def test_model_zoo_local_checks_on_the_pulled_release(key, pulled, schema_path, tmp_path):
     root = pulled[key]
     meta, inference = root / "configs" / "metadata.json", root / "configs" / "inference.json"
-    assert "verified with no error" in bundle_cmd("verify_metadata", "--meta_file", meta, "--filepath", schema_path).stdout
+    assert (
+        "verified with no error" in bundle_cmd("verify_metadata", "--meta_file", meta, "--filepath", schema_path).stdout
+    )
     proc = bundle_cmd("verify_net_in_out", "network_def", "--meta_file", meta, "--config_file", inference,
                       "--n", 2, "--device", "cpu", "--bundle_root", root)  # fmt: skip
     assert "data shape of network is verified with no error" in proc.stdout

@@ -65,7 +65,11 @@ def test_segment_cli_scanner_units_and_a_folder(la_dir, tmp_path, pulled):
         volume = segmentation_volume_ml(out / seg_name)
         expected = (np.asanyarray(seg.dataobj) == 1).sum() * 0.625**3 / 1000
         assert volume == pytest.approx(expected, rel=1e-4) and 10 < volume < 300
-        line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(img_path.name if seg_name != "other_seg.nii.gz" else "other"))
+        line = next(
+            ln
+            for ln in proc.stdout.splitlines()
+            if ln.startswith(img_path.name if seg_name != "other_seg.nii.gz" else "other")
+        )
         assert f"{volume:.1f}" in line
     assert "left atrium (mL)" in proc.stdout
 

@@ -59,7 +59,12 @@ def demo(
     from medssl.demo import demo as _demo
 
     _demo(
-        out=out, iterations=iterations, seed=seed, bundles_dir=bundles_dir, scan=scan, release=as_bool(release, "release")
+        out=out,
+        iterations=iterations,
+        seed=seed,
+        bundles_dir=bundles_dir,
+        scan=scan,
+        release=as_bool(release, "release"),
     )
 
 

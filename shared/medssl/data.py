@@ -272,6 +272,9 @@ def eval_list(
     return [{k: e[k] for k in keys} for e in entries]
 
 
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
 def image_list(dataset_dir: os.PathLike | str, key: str = "test") -> List[str]:
     """Images to segment: the ``key`` list of ``dataset_dir/dataset.json`` when there is one, else every
     ``*.nii``/``*.nii.gz`` file in ``dataset_dir`` (or ``dataset_dir`` itself if it is one NIfTI file).
@@ -285,7 +288,7 @@ def image_list(dataset_dir: os.PathLike | str, key: str = "test") -> List[str]:
     elif (root / DATASET_JSON).is_file():
         files = [e["image"] for e in eval_list(root, key, with_label=False, required=True)]
     else:
-        files = sorted(str(p) for p in root.glob("*.nii*") if p.name.endswith((".nii", ".nii.gz")))
+        files = sorted(str(p) for p in root.glob("*.nii*") if p.name.endswith(NIFTI_SUFFIXES))
     if not files:
         raise DataError(f"{root}: no images found; expected a NIfTI file, a folder of *.nii.gz, or a dataset.json.")
     for f in files:

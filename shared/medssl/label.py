@@ -67,7 +67,9 @@ def prepare_models(
         if not (target / "configs" / "metadata.json").is_file():
             with tempfile.TemporaryDirectory(dir=model_dir, prefix=f".{name}.") as tmp:
                 if index and name not in released:
-                    logger.info("%s is not released in %s: served from the bundles folder, without weights", name, index)
+                    logger.info(
+                        "%s is not released in %s: served from the bundles folder, without weights", name, index
+                    )
                 if name in released:
                     from medssl.release import pull
 

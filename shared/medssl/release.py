@@ -146,9 +146,11 @@ def package(
     entries[key] = {
         "checksum": digest["sha1"],
         "sha256": digest["sha256"],
-        "source": f"{base_url.rstrip('/')}/{zip_path.name}"
-        if base_url
-        else Path(os.path.relpath(zip_path.resolve(), index_path.resolve().parent)).as_posix(),
+        "source": (
+            f"{base_url.rstrip('/')}/{zip_path.name}"
+            if base_url
+            else Path(os.path.relpath(zip_path.resolve(), index_path.resolve().parent)).as_posix()
+        ),
     }
     write_json(dict(sorted(entries.items())), index_path)
     write_large_files(index_path, out_dir / "large_files.yml")

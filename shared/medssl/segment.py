@@ -9,7 +9,6 @@ and spacing is a normal input: the bundle's preprocessing handles it and its pos
 
 from __future__ import annotations
 
-import logging
 import os
 import tempfile
 import time
@@ -18,14 +17,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import nibabel as nib
 import numpy as np
-
 from medssl.bundle import cache_dir, default_index, require_weights
-from medssl.data import DataError, as_bool, check_headers
+from medssl.data import NIFTI_SUFFIXES, DataError, as_bool, check_headers
 
 __all__ = ["segment", "collect_scans", "segmentation_volume_ml", "print_table"]
-
-logger = logging.getLogger("medssl")
-NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
 
 def _stem(path: Path) -> str:
@@ -57,7 +52,9 @@ def collect_scans(scans: Sequence[os.PathLike | str]) -> List[Path]:
         elif not p.exists():
             raise DataError(f"{p}: file not found.")
         elif not p.name.endswith(NIFTI_SUFFIXES):
-            raise DataError(f"{p}: not a NIfTI file (expected .nii or .nii.gz; convert DICOM series first, e.g. dcm2niix).")
+            raise DataError(
+                f"{p}: not a NIfTI file (expected .nii or .nii.gz; convert DICOM series first, e.g. dcm2niix)."
+            )
         else:
             files.append(p)
     seen: Dict[str, Path] = {}
@@ -145,7 +142,9 @@ def segment(
         evaluator = parser.get_parsed_content("evaluator")
         stamps: List[float] = [time.perf_counter()]
         bar = tqdm(total=len(files), desc="segment", unit="scan", disable=not progress or None)
-        evaluator.add_event_handler(Events.ITERATION_COMPLETED, lambda _: (stamps.append(time.perf_counter()), bar.update(1)))
+        evaluator.add_event_handler(
+            Events.ITERATION_COMPLETED, lambda _: (stamps.append(time.perf_counter()), bar.update(1))
+        )
         try:
             evaluator.run()
         finally:

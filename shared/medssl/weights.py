@@ -9,20 +9,14 @@ that the label maps agree with the float32 weights'.
 
 from __future__ import annotations
 
-import logging
 import os
-import re
 from pathlib import Path
 from typing import Dict, List
 
 import torch
-
 from medssl.data import atomic_path
 
 __all__ = ["half_state", "save_split_state", "load_split_state", "finish_from_checkpoint", "load_state"]
-
-logger = logging.getLogger("medssl")
-_CKPT = re.compile(r"^checkpoint_(\d+)\.pt$")
 
 
 def load_state(path: os.PathLike | str) -> Dict[str, torch.Tensor]:
@@ -48,7 +42,10 @@ def load_state(path: os.PathLike | str) -> Dict[str, torch.Tensor]:
 
 def half_state(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Floating-point tensors as contiguous float16 CPU tensors, the others unchanged."""
-    return {k: (v.detach().cpu().half() if v.is_floating_point() else v.detach().cpu()).contiguous() for k, v in state.items()}
+    return {
+        k: (v.detach().cpu().half() if v.is_floating_point() else v.detach().cpu()).contiguous()
+        for k, v in state.items()
+    }
 
 
 def save_split_state(path: os.PathLike | str, prefix: os.PathLike | str, max_bytes: int = 15 << 20) -> List[Path]:
@@ -96,16 +93,16 @@ def finish_from_checkpoint(models_dir: os.PathLike | str) -> str:
     Raises:
         FileNotFoundError: neither ``model.pt`` nor a ``checkpoint_<iteration>.pt`` is in ``models_dir``.
     """
+    from medssl.handlers import latest_checkpoint
+
     models_dir = Path(models_dir)
     final = models_dir / "model.pt"
     if final.is_file():
         return f"{final}: the training completed"
-    ckpts = sorted(
-        (int(m.group(1)), f) for f in (os.listdir(models_dir) if models_dir.is_dir() else []) if (m := _CKPT.match(f))
-    )
-    if not ckpts:
+    newest = latest_checkpoint(str(models_dir))
+    if newest is None:
         raise FileNotFoundError(f"{models_dir}: no model.pt and no checkpoint_<iteration>.pt to take weights from.")
-    iteration, name = ckpts[-1]
+    name = Path(newest).name
     with atomic_path(final) as tmp:
-        torch.save(load_state(models_dir / name), tmp)
-    return f"{final}: the training stopped early; weights of {name} (iteration {iteration})"
+        torch.save(load_state(newest), tmp)
+    return f"{final}: the training stopped early; weights of {name} (iteration {name[len('checkpoint_'):-3]})"
