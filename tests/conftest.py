@@ -5,6 +5,7 @@ to point elsewhere. Tests that need it skip with the reason when it is truly abs
 """
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -35,3 +36,18 @@ def la_h5_dir() -> Path:
 @pytest.fixture(scope="session")
 def schema_path() -> Path:
     return _need(SCHEMA)
+
+
+@pytest.fixture(scope="module")
+def module_tmp(tmp_path_factory):
+    """``module_tmp(name)``: a fresh folder for a module's shared fixtures, deleted when the module's tests end
+    (pytest keeps ``tmp_path_factory`` folders to the end of the session; trained bundles are hundreds of MB)."""
+    made = []
+
+    def mk(name: str) -> Path:
+        made.append(tmp_path_factory.mktemp(name))
+        return made[-1]
+
+    yield mk
+    for path in made:
+        shutil.rmtree(path, ignore_errors=True)

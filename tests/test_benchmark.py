@@ -76,6 +76,9 @@ def test_smoke_profile_end_to_end_and_resume(tmp_path):
         assert 0 <= r["summary"]["dice"]["mean"] <= 1
         assert [i for i, _ in r["loss_curve"]] == [1, 2, 3, 4] and r["seconds_per_iteration"] > 0
         assert r["overrides"]["train"]["num_labeled"] == r["labels"] and r["seconds"]["train"] > 0
+    for r in runs.values():  # a finished run keeps its final weights, not its resume checkpoints
+        models = Path(r["dir"]) / "models"
+        assert (models / "model.pt").is_file() and not list(models.glob("checkpoint_*.pt")), r["name"]
     pretrained = runs["pcrl+supervised-2"]["overrides"]["train"]["pretrained_ckpt"]
     assert pretrained.endswith("pcrl_pretrain/models/model.pt")
     assert results["environment"]["torch"] and results["environment"]["cpu_count"] >= 1

@@ -4,6 +4,7 @@ metadata, network I/O, properties, train -> evaluate -> inference, TorchScript e
 import csv
 import json
 import re
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -20,8 +21,8 @@ TRAINABLE = ["la_seg_finetune", "cvrl_semisup", "simcvd_distill"]
 
 
 @pytest.fixture(scope="module")
-def sample_dir(tmp_path_factory):
-    out = sample_data(tmp_path_factory.mktemp("sample"), num_cases=6, shape=(48, 48, 32), num_test=2)
+def sample_dir(module_tmp):
+    out = sample_data(module_tmp("sample"), num_cases=6, shape=(48, 48, 32), num_test=2)
     d = json.loads((out / "dataset.json").read_text())
     d["validation"] = d["test"][:1]
     (out / "dataset.json").write_text(json.dumps(d))
@@ -29,10 +30,10 @@ def sample_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module", params=TRAINABLE)
-def trained(request, sample_dir, tmp_path_factory):
+def trained(request, sample_dir, module_tmp):
     """2 iterations on the sample set (2 labeled of 4), validation every iteration, a checkpoint each one."""
     name = request.param
-    root = tmp_path_factory.mktemp(name)
+    root = module_tmp(name)
     proc = bundle_cmd(
         "run",
         "--config_file",
@@ -53,7 +54,8 @@ def trained(request, sample_dir, tmp_path_factory):
         2,
         *TINY,
     )
-    return name, root, proc.stdout
+    yield name, root, proc.stdout
+    shutil.rmtree(root)  # one trained bundle on disk at a time
 
 
 @pytest.mark.parametrize("name", TRAINABLE)

@@ -14,9 +14,9 @@ NAME = "cvrl_semisup"
 
 
 @pytest.fixture(scope="module")
-def sample_dir(tmp_path_factory):
+def sample_dir(module_tmp):
     """4 training cases: the last two are unlabeled and their label paths point at files that do not exist."""
-    out = sample_data(tmp_path_factory.mktemp("sample"), num_cases=5, shape=(48, 48, 32), num_test=1)
+    out = sample_data(module_tmp("sample"), num_cases=5, shape=(48, 48, 32), num_test=1)
     d = json.loads((out / "dataset.json").read_text())
     for entry in d["training"][2:]:
         entry["label"] = "labelsTr/no_such_label.nii.gz"
@@ -25,8 +25,8 @@ def sample_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(sample_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("cvrl")
+def trained(sample_dir, module_tmp):
+    root = module_tmp("cvrl")
     proc = bundle_cmd(
         "run",
         "--config_file",

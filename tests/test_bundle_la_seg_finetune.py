@@ -16,8 +16,8 @@ LA_IDS = ["06SR5RBREL16DQ6M8LWS", "0RZDK210BSMWAA6467LU"]
 
 
 @pytest.fixture(scope="module")
-def sample_dir(tmp_path_factory):
-    out = sample_data(tmp_path_factory.mktemp("sample"), num_cases=5, shape=(48, 48, 32), num_test=2)
+def sample_dir(module_tmp):
+    out = sample_data(module_tmp("sample"), num_cases=5, shape=(48, 48, 32), num_test=2)
     d = json.loads((out / "dataset.json").read_text())
     d["validation"] = d["test"][:1]
     (out / "dataset.json").write_text(json.dumps(d))
@@ -25,9 +25,9 @@ def sample_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(sample_dir, tmp_path_factory):
+def trained(sample_dir, module_tmp):
     """2 iterations on the sample set with validation every iteration and a resume checkpoint each one."""
-    root = tmp_path_factory.mktemp("bundle")
+    root = module_tmp("bundle")
     proc = bundle_cmd(
         "run",
         "--config_file",

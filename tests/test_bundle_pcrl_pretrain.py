@@ -17,8 +17,8 @@ SMALL = ["--patch_size", "[32,32,32]", "--num_workers", "0", "--batch_size", "2"
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    out = sample_data(tmp_path_factory.mktemp("sample"), num_cases=4, shape=(48, 48, 32), num_test=1)
+def data(module_tmp):
+    out = sample_data(module_tmp("sample"), num_cases=4, shape=(48, 48, 32), num_test=1)
     d = json.loads((out / "dataset.json").read_text())
     for entry in d["training"]:
         entry["label"] = "labelsTr/never_read.nii.gz"  # pre-training never loads labels
@@ -27,8 +27,8 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def trained(data, tmp_path_factory):
-    root = tmp_path_factory.mktemp("pcrl")
+def trained(data, module_tmp):
+    root = module_tmp("pcrl")
     proc = bundle_cmd(
         "run",
         "--config_file",

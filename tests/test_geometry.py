@@ -159,10 +159,10 @@ def test_patch_check_uses_the_resampled_shape(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained_la(la_dir, tmp_path_factory):
+def trained_la(la_dir, module_tmp):
     """la_seg_finetune trained briefly on 3 real LA cases on a 1.25 mm grid (small and fast)."""
     cases = [p.name.replace(".nii.gz", "") for p in sorted((la_dir / "imagesTr").glob("*.nii.gz"))[:3]]
-    root = tmp_path_factory.mktemp("geometry")
+    root = module_tmp("geometry")
     data = real_subset(la_dir, root / "data", cases)
     bundle_root = root / "bundle"
     bundle_cmd(

@@ -33,9 +33,9 @@ def _free_port():
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory):
+def served(module_tmp):
     """Every bundle packaged with (untrained, seeded) weights into dist/, served by `python -m http.server`."""
-    root = tmp_path_factory.mktemp("release")
+    root = module_tmp("release")
     port = _free_port()
     base = f"http://127.0.0.1:{port}"
     dist = root / "dist"

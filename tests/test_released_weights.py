@@ -27,9 +27,9 @@ def _name(key):
 
 
 @pytest.fixture(scope="module")
-def pulled(tmp_path_factory):
+def pulled(module_tmp):
     """Every release pulled from the committed index (sha256 verified; model.ts exported at pull time)."""
-    target = tmp_path_factory.mktemp("pulled")
+    target = module_tmp("pulled")
     return {key: pull(_name(key), bundle_dir=str(target), index=str(REPO / "bundle_index.json")) for key in RELEASES}
 
 

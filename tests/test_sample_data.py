@@ -14,8 +14,8 @@ SHAPE = (48, 40, 32)
 
 
 @pytest.fixture(scope="module")
-def small_set(tmp_path_factory):
-    return sample_data(tmp_path_factory.mktemp("sample") / "ds", num_cases=4, shape=SHAPE, seed=3, num_test=1)
+def small_set(module_tmp):
+    return sample_data(module_tmp("sample") / "ds", num_cases=4, shape=SHAPE, seed=3, num_test=1)
 
 
 def _arrays(path):

@@ -31,9 +31,9 @@ def _dice(a, b):
 
 
 @pytest.fixture(scope="module")
-def pulled(tmp_path_factory):
+def pulled(module_tmp):
     """The committed release pulled once (checksum verified, TorchScript exported) into a private cache."""
-    home = tmp_path_factory.mktemp("medssl_home")
+    home = module_tmp("medssl_home")
     return {**os.environ, "MEDSSL_HOME": str(home)}
 
 

@@ -218,6 +218,14 @@ def plan_runs(
     return runs
 
 
+def _drop_resume_checkpoints(run: Dict[str, Any]) -> None:
+    """A finished run needs only its final weights: its resume checkpoints (weights and optimizer state,
+    twice the model's size each) are deleted once ``done.json`` is written."""
+    for step in run["steps"]:
+        for ckpt in (Path(step["overrides"]["bundle_root"]) / "models").glob("checkpoint_*.pt"):
+            ckpt.unlink()
+
+
 def _run_step(bundle: str, step: Dict[str, Any], log: Path, bundles_dir: Optional[str]) -> float:
     """Run one ``python -m monai.bundle run`` step (resuming a half-done training); returns its wall seconds."""
     overrides = dict(step["overrides"])
@@ -373,6 +381,7 @@ def benchmark(
             )
         record = {"seconds": seconds}
         write_json(record, done)
+        _drop_resume_checkpoints(run)
         run.update(record)
     results = summarise(runs, prof)
     write_report(results, out)
