@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from helpers import REPO
 
-from medssl.benchmark import PROFILES, parse_training_log, plan_runs
+from medssl.benchmark import PROFILES, paired_comparisons, parse_training_log, plan_runs
 from medssl.precision import cpu_bf16_support
 
 
@@ -37,6 +37,42 @@ def test_plan_runs_order_and_overrides(tmp_path):
     assert PROFILES["paper"].evaluate == {"sw_stride": [18, 18, 4]}
     with pytest.raises(ValueError, match="unknown methods"):
         plan_runs(PROFILES["cpu"], ["magic"], [8], None, tmp_path, tmp_path)
+
+
+def test_plan_runs_pretraining_comparison(tmp_path):
+    """The issue-14 sweep: one run per pre-training bundle, the same iterations x batch, each with its own optimiser
+    settings, and each fine-tuning starting from its own pre-training's weights."""
+    methods = ["supervised", "pcrl+supervised", "spark+supervised", "spark+cvrl"]
+    runs = plan_runs(PROFILES["cpu"], methods, [4, 16], None, tmp_path / "d", tmp_path)
+    names = [r["name"] for r in runs]
+    assert names[:2] == ["pcrl_pretrain", "spark_pretrain"] and len(names) == 2 + 4 * 2
+    pcrl, spark = (r["steps"][0]["overrides"] for r in runs[:2])
+    assert runs[1]["bundle"] == "spark_pretrain" and runs[1]["steps"][0]["config"] == ["train"]
+    assert (pcrl["max_iterations"], pcrl["batch_size"]) == (spark["max_iterations"], spark["batch_size"]) == (600, 4)
+    assert pcrl["learning_rate"] == 0.01 and "learning_rate" not in spark  # SparK keeps its own AdamW lr
+    by_name = {r["name"]: r for r in runs}
+    for name, pre in (("spark+supervised-4", "spark_pretrain"), ("spark+cvrl-16", "spark_pretrain")):
+        ft = by_name[name]["steps"][0]["overrides"]
+        assert ft["pretrained_ckpt"] == str(tmp_path / "runs" / pre / "models" / "model.pt"), name
+    assert by_name["spark+cvrl-16"]["bundle"] == "cvrl_semisup"
+    assert by_name["spark+supervised-4"]["dir"].endswith("spark_supervised-4")
+
+
+def test_paired_comparisons_hand_case():
+    """5 cases, SparK better than scratch on all: exact two-sided Wilcoxon p = 2 / 2^5 = 0.0625; SparK vs PCRL with
+    differences -1, +2, -3, +4, +5 points: W- = 1 + 3 = 4, and 7 of the 32 sign patterns give a rank sum <= 4
+    ({}, {1}, {2}, {3}, {1,2}, {4}, {1,3}): exact two-sided p = 14 / 32 = 0.4375."""
+    scratch = [0.70, 0.80, 0.60, 0.90, 0.75]
+    spark = [0.71, 0.82, 0.63, 0.94, 0.80]
+    pcrl = [0.72, 0.80, 0.66, 0.90, 0.75]
+    run = lambda m, d: {"method": m, "labels": 4, "cases": [{"case": f"c{i}", "dice": v} for i, v in enumerate(d)]}
+    lines = paired_comparisons([run("supervised", scratch), run("spark+supervised", spark), run("pcrl+supervised", pcrl)])
+    rows = {line.split(" | ")[1]: line for line in lines if line.startswith("| 4 |")}
+    assert set(rows) == {"pcrl+supervised vs supervised", "spark+supervised vs supervised",
+                         "spark+supervised vs pcrl+supervised"}  # fmt: skip
+    assert rows["spark+supervised vs supervised"] == "| 4 | spark+supervised vs supervised | +3.00 | +3.00 | 5 of 5 | 0.062 |"
+    assert rows["spark+supervised vs pcrl+supervised"].endswith("| +1.40 | +2.00 | 3 of 5 | 0.438 |")
+    assert paired_comparisons([run("supervised", scratch)]) == []
 
 
 def test_parse_training_log(tmp_path):

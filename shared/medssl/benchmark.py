@@ -8,10 +8,12 @@ logs kept per run), evaluates each on the split's ``"test"`` list with the paper
 table) and PNG plots (Dice vs labeled count; training loss curves). Finished runs are skipped and interrupted
 ones resume from their newest checkpoint, so the command can be re-run until it completes.
 
-Methods: ``supervised`` (la_seg_finetune from scratch), ``pcrl+supervised`` (pcrl_pretrain on the training cases'
-images, then la_seg_finetune from its weights), ``cvrl`` (cvrl_semisup), ``simcvd`` (simcvd_distill), and
-optionally ``pcrl+cvrl`` / ``pcrl+simcvd``. The supervised baseline with every training case labeled is the
-upper bound.
+Methods: ``supervised`` (la_seg_finetune from scratch), ``pcrl+supervised`` / ``spark+supervised`` (pcrl_pretrain or
+spark_pretrain on the training cases' images, the same iterations x batch, then la_seg_finetune from its weights),
+``cvrl`` (cvrl_semisup), ``simcvd`` (simcvd_distill), and optionally ``pcrl+cvrl`` / ``spark+cvrl`` / ``pcrl+simcvd``.
+The supervised baseline with every training case labeled is the upper bound. The pre-training comparison
+(:data:`SWEEP_METHODS` at 4, 8 and 16 labels) is ``--methods supervised,pcrl+supervised,spark+supervised --labels
+4,8,16``; ``results.md`` then pairs every method with the baseline, and SparK with PCRL, case by case (Wilcoxon).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from medssl.data import atomic_path, load_datalist, write_dev_split, write_json
 __all__ = [
     "PROFILES",
     "METHODS",
+    "SWEEP_METHODS",
+    "paired_comparisons",
     "Profile",
     "benchmark",
     "plan_runs",
@@ -56,6 +60,8 @@ class Profile:
     train: Dict[str, Any]
     pretrain: Dict[str, Any]
     evaluate: Dict[str, Any] = field(default_factory=dict)
+    # overrides of one pre-training bundle only (its optimiser, its own knobs), on top of ``pretrain``
+    pretrain_extra: Dict[str, Dict[str, Any]] = field(default_factory=dict)
 
 
 def _lr_step(iterations: int) -> int:
@@ -82,16 +88,16 @@ PROFILES: Dict[str, Profile] = {
             "patch_size": [32, 32, 32],
             "max_iterations": 2,
             "batch_size": 2,
-            "queue_size": 64,
             "num_workers": 0,
             "save_interval": 1,
         },
+        pretrain_extra={"pcrl_pretrain": {"queue_size": 64}},
     ),
     "cpu": Profile(
         name="cpu",
         description="a reduced protocol for 2 CPU cores: volumes downsampled x2 (1.25 mm) and the bundles' spacing "
         "set to that grid, patch 64x64x32, 1000 iterations (lr x0.1 at 416), PCRL pre-training 600 iterations of "
-        "batch 4 at lr 0.01; sliding window overlap 0.5",
+        "batch 4 at lr 0.01 (SparK: the same 600 x 4 at its AdamW lr 0.001); sliding window overlap 0.5",
         labels=(8,),
         num_train=60,
         downsample=2,
@@ -108,14 +114,15 @@ PROFILES: Dict[str, Profile] = {
             "spacing": [1.25, 1.25, 1.25],
             "max_iterations": 600,
             "batch_size": 4,
-            "learning_rate": 0.01,
             "save_interval": 100,
         },
+        # each pre-training with its own optimiser (SGD for PCRL, AdamW for SparK), the same iterations x batch
+        pretrain_extra={"pcrl_pretrain": {"learning_rate": 0.01}},
     ),
     "paper": Profile(
         name="paper",
         description="the LA protocol of METHODS.md (GPU): full resolution, patch 112x112x80, 6000 iterations, "
-        "lr x0.1 every 2500; sliding window stride 18/18/4; PCRL 6000 iterations of batch 16",
+        "lr x0.1 every 2500; sliding window stride 18/18/4; PCRL and SparK 6000 iterations of batch 16",
         labels=(8, 16),
         num_train=60,
         downsample=1,
@@ -125,15 +132,19 @@ PROFILES: Dict[str, Profile] = {
     ),
 }
 
-# method -> (segmentation bundle, pre-trained with pcrl_pretrain first)
+# method -> (segmentation bundle, the pre-training bundle it starts from or None)
 METHODS: Dict[str, tuple] = {
-    "supervised": ("la_seg_finetune", False),
-    "pcrl+supervised": ("la_seg_finetune", True),
-    "cvrl": ("cvrl_semisup", False),
-    "simcvd": ("simcvd_distill", False),
-    "pcrl+cvrl": ("cvrl_semisup", True),
-    "pcrl+simcvd": ("simcvd_distill", True),
+    "supervised": ("la_seg_finetune", None),
+    "pcrl+supervised": ("la_seg_finetune", "pcrl_pretrain"),
+    "spark+supervised": ("la_seg_finetune", "spark_pretrain"),
+    "cvrl": ("cvrl_semisup", None),
+    "simcvd": ("simcvd_distill", None),
+    "pcrl+cvrl": ("cvrl_semisup", "pcrl_pretrain"),
+    "spark+cvrl": ("cvrl_semisup", "spark_pretrain"),
+    "pcrl+simcvd": ("simcvd_distill", "pcrl_pretrain"),
 }
+# the pre-training comparison of issue 14: one fine-tuning bundle, three initialisations
+SWEEP_METHODS = ("supervised", "pcrl+supervised", "spark+supervised")
 DEFAULT_METHODS = ("supervised", "pcrl+supervised", "cvrl", "simcvd")
 METRICS = ("dice", "jaccard", "hd95", "asd")
 
@@ -162,25 +173,27 @@ def plan_runs(
 ) -> List[Dict[str, Any]]:
     """The runs of a benchmark: ``[{"name", "method", "labels", "bundle", "dir", "steps": [...]}]`` where each step
     is ``{"kind": "pretrain"|"train"|"evaluate", "config": [...], "overrides": {...}}``. The PCRL pre-training is
-    one shared run (``pcrl_pretrain``) that the ``pcrl+*`` runs depend on."""
+    one shared run per pre-training bundle (``pcrl_pretrain``, ``spark_pretrain``) that the ``pcrl+*`` / ``spark+*`` runs
+    start from."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}.")
     runs = []
-    if any(METHODS[m][1] for m in methods):
-        d = out / "runs" / "pcrl_pretrain"
+    for pretrainer in dict.fromkeys(METHODS[m][1] for m in methods if METHODS[m][1]):
+        d = out / "runs" / pretrainer
+        overrides = {"dataset_dir": str(data_dir), "bundle_root": str(d), **profile.pretrain}
         runs.append(
             {
-                "name": "pcrl_pretrain",
-                "method": "pcrl_pretrain",
+                "name": pretrainer,
+                "method": pretrainer,
                 "labels": 0,
-                "bundle": "pcrl_pretrain",
+                "bundle": pretrainer,
                 "dir": str(d),
                 "steps": [
                     {
                         "kind": "pretrain",
                         "config": ["train"],
-                        "overrides": {"dataset_dir": str(data_dir), "bundle_root": str(d), **profile.pretrain},
+                        "overrides": {**overrides, **profile.pretrain_extra.get(pretrainer, {})},
                     }
                 ],
             }
@@ -193,7 +206,7 @@ def plan_runs(
         d = out / "runs" / f"{method.replace('+', '_')}-{n}"
         train = {"dataset_dir": str(data_dir), "bundle_root": str(d), "num_labeled": n, **profile.train}
         if pretrained:
-            train["pretrained_ckpt"] = str(out / "runs" / "pcrl_pretrain" / "models" / "model.pt")
+            train["pretrained_ckpt"] = str(out / "runs" / pretrained / "models" / "model.pt")
         evaluate = {
             "dataset_dir": str(data_dir),
             "bundle_root": str(d),
@@ -437,13 +450,14 @@ def write_report(results: Dict[str, Any], out: Path) -> None:
             else f"| {r['method']} | {r['labels']} | {pct('dice')} | {pct('jaccard')} | {dist('hd95')} | "
             f"{dist('asd')} | {s['hd95']['n_nan']} | {spi} | - |"
         )
-    pre = [r for r in results["runs"] if r["method"] == "pcrl_pretrain"]
-    if pre and pre[0]["seconds"]:
-        lines += [
-            "",
-            f"PCRL pre-training: {pre[0]['seconds'].get('pretrain', 0) / 60:.1f} min "
-            f"({pre[0]['seconds_per_iteration'] or 0:.2f} s / iteration).",
-        ]
+    for pre in results["runs"]:
+        if pre["labels"] == 0 and pre["seconds"]:
+            lines += [
+                "",
+                f"{pre['method']} pre-training: {pre['seconds'].get('pretrain', 0) / 60:.1f} min "
+                f"({pre['seconds_per_iteration'] or 0:.2f} s / iteration).",
+            ]
+    lines += paired_comparisons(runs)
     env = results["environment"]
     lines += [
         "",
@@ -461,6 +475,44 @@ def write_report(results: Dict[str, Any], out: Path) -> None:
     with atomic_path(out / "results.md") as tmp:
         tmp.write_text("\n".join(lines))
     _plot(results, out)
+
+
+def paired_comparisons(runs: List[Dict[str, Any]]) -> List[str]:
+    """Markdown lines comparing runs case by case at the same label count: every method against ``supervised``
+    and each pre-training against the other (``spark+X`` vs ``pcrl+X``): mean and median Dice difference, cases
+    won, and the two-sided Wilcoxon signed-rank p over the test cases. Empty when there is nothing to pair."""
+    from scipy.stats import wilcoxon
+
+    by_key = {(r["method"], r["labels"]): r for r in runs if r.get("cases")}
+    pairs = []
+    for (method, n), r in sorted(by_key.items(), key=lambda kv: (kv[0][1], list(METHODS).index(kv[0][0]))):
+        if method != "supervised" and ("supervised", n) in by_key:
+            pairs.append((r, by_key[("supervised", n)]))
+        if method.startswith("spark+") and ("pcrl+" + method[len("spark+") :], n) in by_key:
+            pairs.append((r, by_key[("pcrl+" + method[len("spark+") :], n)]))
+    rows = []
+    for a, b in pairs:
+        da = {c["case"]: c["dice"] for c in a["cases"]}
+        db = {c["case"]: c["dice"] for c in b["cases"]}
+        common = sorted(k for k in set(da) & set(db) if np.isfinite(da[k]) and np.isfinite(db[k]))
+        if len(common) < 2:
+            continue
+        diff = 100 * (np.array([da[k] for k in common]) - np.array([db[k] for k in common]))
+        p = wilcoxon(diff).pvalue if np.any(diff != 0) else 1.0
+        rows.append(
+            f"| {a['labels']} | {a['method']} vs {b['method']} | {diff.mean():+.2f} | {np.median(diff):+.2f} | "
+            f"{int((diff > 0).sum())} of {len(common)} | {p:.3f} |"
+        )
+    if not rows:
+        return []
+    return [
+        "",
+        "Paired per-case comparisons (Dice points; two-sided Wilcoxon signed-rank test over the test cases):",
+        "",
+        "| labeled | comparison | mean diff | median diff | cases better | Wilcoxon p |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ]
 
 
 def _plot(results: Dict[str, Any], out: Path) -> None:

@@ -1,0 +1,267 @@
+"""SparK masked image modelling on the shared VNet encoder.
+
+Tian, Jiang, Zhao, Wang, Ma, Yuan, "Designing BERT for Convolutional Networks: Sparse and Hierarchical Masked
+Modeling", ICLR 2023 (official code: keyu-tian/SparK, ``pretrain/``); for medical images, Wolf et al., "Self-Supervised
+Pre-Training with Contrastive and Masked Autoencoder Methods for Dealing with Small Datasets in Deep Learning for
+Medical Imaging", Scientific Reports 2023 (arXiv 2308.06534). Our implementation, for 3D and the VNet:
+
+- The mask is drawn on the encoder's coarsest grid (the VNet downsamples by 16: one mask element per 16^3-voxel cell,
+  a 7x7x5 grid for a 112x112x80 patch), ``mask_ratio`` of the cells hidden (0.6), and repeated up to every scale
+  (:func:`draw_mask`, :func:`upsample_mask`).
+- Sparse convolution is emulated as in the official code: the input is masked before the first convolution, every
+  encoder convolution runs densely and its output is multiplied by its scale's mask, and BatchNorm statistics are
+  computed over the visible voxels only (:func:`sparse_batch_norm`), so hidden zeros never reach a visible feature or
+  a statistic.
+- Densify at each scale: a sparse BatchNorm, a learnable mask token in the hidden positions, a projection conv (1x1x1
+  at the coarsest scale, 3x3x3 elsewhere); a light decoder of the VNet decoder's shape (transposed-conv up, additive
+  densified skip, conv stage) and a 1x1x1 conv to the image channels.
+- Loss (:func:`spark_loss`): MSE on the hidden cells only, against the input normalised per cell (the cell's mean and
+  unbiased variance, ``(x - mean) / sqrt(var + 1e-6)``), averaged over hidden cells.
+
+The encoder is the VNet's own ``encoder`` module list under the VNet's names, so ``models/model.pt`` initialises the
+encoder of every other bundle through ``pretrained_ckpt``. The SparK decoder, densify layers and mask tokens are kept
+under ``spark_*`` names, which the segmentation bundles report as unexpected and do not load: as in the paper, only
+the encoder is transferred (the decoder learnt to fill mask tokens, not to segment).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medssl.networks import DECODER_CONVS, VNet, _UpStage
+
+__all__ = [
+    "SparKNet",
+    "SparKForward",
+    "SparKLoss",
+    "draw_mask",
+    "upsample_mask",
+    "sparse_batch_norm",
+    "cell_stats",
+    "spark_loss",
+]
+
+STRIDE = 16  # the VNet's total downsampling: one mask element per 16^3 voxels
+
+
+def draw_mask(
+    batch: int,
+    grid: Sequence[int],
+    mask_ratio: float,
+    device: Optional[torch.device] = None,
+    generator: Optional[torch.Generator] = None,
+) -> torch.Tensor:
+    """A random visibility mask ``[batch, 1, *grid]`` (True = visible) hiding ``round(L * mask_ratio)`` of the
+    ``L`` cells of each sample, the rest visible (at least one visible cell)."""
+    if not 0.0 <= mask_ratio < 1.0:
+        raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}.")
+    cells = int(torch.tensor(list(grid)).prod())
+    keep = max(1, cells - round(cells * mask_ratio))
+    order = torch.rand(batch, cells, generator=generator).argsort(dim=1)
+    visible = torch.zeros(batch, cells, dtype=torch.bool)
+    visible.scatter_(1, order[:, :keep], True)
+    return visible.view(batch, 1, *grid).to(device if device is not None else "cpu")
+
+
+def upsample_mask(visible: torch.Tensor, factor: int) -> torch.Tensor:
+    """Repeat each mask element ``factor`` times along the three spatial axes."""
+    for dim in (2, 3, 4):
+        visible = visible.repeat_interleave(factor, dim=dim)
+    return visible
+
+
+def sparse_batch_norm(bn: nn.BatchNorm3d, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """``bn`` applied as if only the visible voxels existed: in training, batch statistics (and the running
+    statistics' update) over the visible voxels of the whole batch only; hidden voxels come out as 0.
+
+    Args:
+        bn: a BatchNorm3d (its weights, running statistics and momentum are used).
+        x: features ``[B, C, h, w, d]``.
+        visible: ``[B, 1, h, w, d]`` boolean mask.
+    """
+    if not bn.training and bn.track_running_stats:  # a per-voxel affine map: dense, then masked, is the same
+        return bn(x) * visible
+    keep = visible[:, 0]
+    rows = x.movedim(1, -1)[keep]  # [N_visible, C]
+    normed = bn(rows[:, :, None, None, None])[:, :, 0, 0, 0]
+    out = x.new_zeros(x.movedim(1, -1).shape, dtype=normed.dtype)
+    out[keep] = normed
+    return out.movedim(-1, 1)
+
+
+def cell_stats(x: torch.Tensor, cell: int = STRIDE, eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-cell mean and ``sqrt(var + eps)`` of ``x`` ``[B, C, H, W, D]`` over the ``cell^3`` voxels and all channels
+    of each cell (unbiased variance, as the official code), each ``[B, 1, H/cell, W/cell, D/cell]``."""
+    b, c, h, w, d = x.shape
+    if h % cell or w % cell or d % cell:
+        raise ValueError(f"spatial size {[h, w, d]} must be divisible by the cell size {cell}.")
+    cells = x.reshape(b, c, h // cell, cell, w // cell, cell, d // cell, cell)
+    cells = cells.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, h // cell, w // cell, d // cell, -1).float()
+    mean, var = cells.mean(dim=-1), cells.var(dim=-1)
+    return mean.unsqueeze(1), (var + eps).sqrt().unsqueeze(1)
+
+
+def _per_cell(x: torch.Tensor, cell: int) -> torch.Tensor:
+    """``[B, 1, h, w, d]`` per-cell values repeated to voxels."""
+    return upsample_mask(x, cell)
+
+
+def spark_loss(
+    pred: torch.Tensor, image: torch.Tensor, visible: torch.Tensor, cell: int = STRIDE, eps: float = 1e-6
+) -> torch.Tensor:
+    """SparK's reconstruction loss: mean squared error between ``pred`` and the per-cell normalised ``image``,
+    averaged over the voxels of each cell, then over the hidden cells only (visible cells count for nothing).
+
+    Args:
+        pred: the decoder's output ``[B, C, H, W, D]`` (in per-cell normalised units).
+        image: the unmasked input ``[B, C, H, W, D]``.
+        visible: ``[B, 1, H/cell, W/cell, D/cell]`` boolean mask (True = visible).
+    """
+    mean, std = cell_stats(image, cell, eps)
+    target = (image.float() - _per_cell(mean, cell)) / _per_cell(std, cell)
+    err = (pred.float() - target) ** 2
+    b, c, h, w, d = err.shape
+    per_cell = err.reshape(b, c, h // cell, cell, w // cell, cell, d // cell, cell).mean(dim=(1, 3, 5, 7))
+    hidden = (~visible[:, 0]).float()
+    return (per_cell * hidden).sum() / (hidden.sum() + 1e-8)
+
+
+class SparKNet(nn.Module):
+    """The VNet encoder with SparK's sparse forward, densify layers and light decoder (see the module docstring).
+
+    ``masked_forward(x, visible)`` is the training pass: the decoder's prediction ``[B, C, H, W, D]`` in per-cell
+    normalised units. ``forward(x)`` is the bundle's reconstruction for inference and evaluation: ``x`` with a fixed
+    pseudo-random ``mask_ratio`` of its cells hidden (the same pattern at every call, seeded by ``eval_seed``) and
+    refilled by the prediction, de-normalised with the hidden cells' true mean and deviation (the official code's
+    visualisation); visible cells are ``x`` itself.
+
+    Args:
+        in_channels, n_filters: as :class:`medssl.networks.VNet` (the encoder is built by it, under its names).
+        norm: ``"batch"`` (sparse BatchNorm over visible voxels) or ``"none"``.
+        mask_ratio: the fraction of coarsest-grid cells hidden (0.6).
+        eval_seed: the seed of ``forward``'s mask.
+
+    Input sides divisible by 16.
+    """
+
+    def __init__(
+        self, in_channels: int = 1, n_filters: int = 16, norm: str = "batch", mask_ratio: float = 0.6, eval_seed: int = 0
+    ) -> None:
+        super().__init__()
+        if norm not in ("batch", "none"):
+            raise ValueError(f"SparKNet supports norm 'batch' (sparse BatchNorm) or 'none', got {norm!r}.")
+        vnet = VNet(in_channels, 2, n_filters, norm, dropout=0.0)
+        self.encoder, self.widths, self.in_channels = vnet.encoder, vnet.widths, in_channels
+        self.mask_ratio, self.eval_seed = float(mask_ratio), int(eval_seed)
+        last = len(self.widths) - 1
+        self.spark_densify_norm = nn.ModuleList(
+            nn.BatchNorm3d(w) if norm == "batch" else nn.Identity() for w in self.widths
+        )
+        self.spark_mask_token = nn.ParameterList(nn.Parameter(torch.zeros(1, w, 1, 1, 1)) for w in self.widths)
+        for token in self.spark_mask_token:
+            nn.init.trunc_normal_(token, std=0.02, a=-0.02, b=0.02)
+        self.spark_densify_proj = nn.ModuleList(
+            nn.Conv3d(w, w, kernel_size=1 if i == last else 3, padding=0 if i == last else 1)
+            for i, w in enumerate(self.widths)
+        )
+        self.spark_decoder = nn.ModuleList(
+            _UpStage(n, self.widths[-1 - i], self.widths[-2 - i], norm) for i, n in enumerate(DECODER_CONVS)
+        )
+        self.spark_recon = nn.Conv3d(self.widths[0], in_channels, kernel_size=1)
+
+    def _check(self, x: torch.Tensor) -> None:
+        if x.ndim != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(f"SparKNet expects input [B, {self.in_channels}, H, W, D], got {list(x.shape)}.")
+        if any(s % STRIDE for s in x.shape[2:]):
+            raise ValueError(f"SparKNet input sides must be divisible by {STRIDE}, got {list(x.shape[2:])}.")
+
+    def sparse_encode(self, x: torch.Tensor, visible: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+        """Encoder features at the five scales computed on the visible cells only, and the five scale masks."""
+        self._check(x)
+        masks = [upsample_mask(visible, STRIDE >> s) for s in range(len(self.widths))]
+        by_size = {tuple(m.shape[2:]): m for m in masks}
+        h = x * masks[0]
+        features = []
+        for stage in self.encoder:
+            for layer in stage.modules():
+                if next(layer.children(), None) is not None:
+                    continue  # a container: its leaves come next
+                mask = by_size[tuple(h.shape[2:])] if isinstance(layer, nn.BatchNorm3d) else None
+                h = sparse_batch_norm(layer, h, mask) if mask is not None else layer(h)
+                if isinstance(layer, nn.Conv3d):
+                    h = h * by_size[tuple(h.shape[2:])]
+            features.append(h)
+        return features, masks
+
+    def densify(self, features: List[torch.Tensor], masks: List[torch.Tensor]) -> List[torch.Tensor]:
+        """Per scale: sparse norm, mask token in the hidden positions, projection conv."""
+        dense = []
+        for i, (f, m) in enumerate(zip(features, masks)):
+            norm = self.spark_densify_norm[i]
+            f = sparse_batch_norm(norm, f, m) if isinstance(norm, nn.BatchNorm3d) else f
+            f = torch.where(m, f, self.spark_mask_token[i].to(f.dtype))
+            dense.append(self.spark_densify_proj[i](f))
+        return dense
+
+    def masked_forward(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """The prediction ``[B, C, H, W, D]`` (per-cell normalised units) of ``x`` seen through ``visible``."""
+        dense = self.densify(*self.sparse_encode(x, visible))
+        h = dense[-1]
+        for i, stage in enumerate(self.spark_decoder):
+            h = stage(h, dense[-2 - i])
+        return self.spark_recon(h)
+
+    def eval_mask(self, x: torch.Tensor) -> torch.Tensor:
+        """The fixed mask of :meth:`forward` for an input of ``x``'s shape."""
+        grid = [s // STRIDE for s in x.shape[2:]]
+        gen = torch.Generator().manual_seed(self.eval_seed)
+        return draw_mask(x.shape[0], grid, self.mask_ratio, x.device, generator=gen)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check(x)
+        visible = self.eval_mask(x)
+        pred = self.masked_forward(x, visible).float()
+        mean, std = cell_stats(x, STRIDE)
+        refilled = pred * upsample_mask(std, STRIDE) + upsample_mask(mean, STRIDE)
+        return torch.where(upsample_mask(visible, STRIDE), x.float(), refilled)
+
+
+class SparKForward(nn.Module):
+    """Adapter whose ``forward`` is ``net.masked_forward``, for DDP to wrap (see :class:`medssl.networks.HeadsForward`)."""
+
+    def __init__(self, net: SparKNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        return self.net.masked_forward(x, visible)
+
+
+class SparKLoss(nn.Module):
+    """The SparK objective for :class:`medssl.engines.SelfSupervisedTrainer`: draws a mask per sample (torch's global
+    generator, seeded by the bundle), runs the student's masked forward on ``batch[image_key]`` and returns
+    ``{"loss", "loss_masked_mse"}`` (:func:`spark_loss`).
+
+    Args:
+        mask_ratio: fraction of the 16^3 cells hidden (0.6).
+        image_key: the batch entry holding the images.
+    """
+
+    def __init__(self, mask_ratio: float = 0.6, image_key: str = "image") -> None:
+        super().__init__()
+        if not 0.0 < mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}.")
+        self.mask_ratio, self.image_key = float(mask_ratio), image_key
+
+    def forward(self, student, teacher, batch: Dict[str, torch.Tensor], iteration: int) -> Dict[str, torch.Tensor]:
+        if self.image_key not in batch:
+            raise KeyError(f"SparKLoss: the batch has no {self.image_key!r}; keys: {sorted(batch)}.")
+        image = batch[self.image_key]
+        grid = [s // STRIDE for s in image.shape[2:]]
+        visible = draw_mask(image.shape[0], grid, self.mask_ratio, image.device)
+        loss = spark_loss(student(image, visible), image, visible)
+        return {"loss": loss, "loss_masked_mse": loss.detach()}
