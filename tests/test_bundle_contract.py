@@ -18,6 +18,9 @@ from medssl.networks import VNet
 from medssl.sample_data import sample_data
 
 TRAINABLE = ["la_seg_finetune", "cvrl_semisup", "simcvd_distill"]
+PRETRAINING = ["pcrl_pretrain", "spark_pretrain"]
+# what each bundle needs beyond the shared test overrides: a small PCRL queue; the label count of the others
+EXTRA = {"pcrl_pretrain": ["--queue_size", "64"], "spark_pretrain": []}
 
 
 @pytest.fixture(scope="module")
@@ -248,7 +251,7 @@ def test_common_override_set_on_real_la(name, la_dir, tmp_path):
     assert "Iter: 2/2" in proc.stdout
 
 
-@pytest.mark.parametrize("name", TRAINABLE + ["pcrl_pretrain"])
+@pytest.mark.parametrize("name", TRAINABLE + PRETRAINING)
 def test_torchrun_two_cpu_processes(name, sample_dir, tmp_path):
     """multi_gpu_train.json under torchrun with 2 CPU processes (gloo): both ranks train, rank 0 alone writes."""
     import re
@@ -257,7 +260,7 @@ def test_torchrun_two_cpu_processes(name, sample_dir, tmp_path):
 
     from helpers import REPO
 
-    extra = ["--queue_size", "64"] if name == "pcrl_pretrain" else ["--num_labeled", "2"]
+    extra = EXTRA.get(name, ["--num_labeled", "2"])
     cmd = [
         sys.executable,
         "-m",
@@ -303,12 +306,12 @@ def test_torchrun_two_cpu_processes(name, sample_dir, tmp_path):
     assert sum(not k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in rank0) > 100
 
 
-@pytest.mark.parametrize("name", TRAINABLE + ["pcrl_pretrain"])
+@pytest.mark.parametrize("name", TRAINABLE + PRETRAINING)
 def test_tracking_mlflow_sqlite(name, sample_dir, tmp_path):
     """`--tracking mlflow` with a local SQLite store: a finished run with the per-iteration loss and the config."""
     mlflow = pytest.importorskip("mlflow", reason="mlflow is the 'tracking' extra (installed by the test extra)")
     db = tmp_path / "mlflow.db"
-    extra = ["--queue_size", "64", "--batch_size", "2"] if name == "pcrl_pretrain" else ["--num_labeled", "2"]
+    extra = EXTRA[name] + ["--batch_size", "2"] if name in EXTRA else ["--num_labeled", "2"]
     bundle_cmd(
         "run",
         "--config_file",
@@ -340,7 +343,7 @@ def test_tracking_mlflow_sqlite(name, sample_dir, tmp_path):
     assert config["max_iterations"] == 2 and config["dataset_dir"] == str(sample_dir)
 
 
-@pytest.mark.parametrize("name", TRAINABLE + ["pcrl_pretrain"])
+@pytest.mark.parametrize("name", TRAINABLE + PRETRAINING)
 def test_kill_and_resume_matches_uninterrupted_run(name, sample_dir, tmp_path):
     """SIGKILL mid-training, resume from the newest checkpoint: same total iterations, no corrupt checkpoint, and
     the final weights equal an uninterrupted run's exactly (one thread, loaders in the main process: the data
@@ -354,7 +357,7 @@ def test_kill_and_resume_matches_uninterrupted_run(name, sample_dir, tmp_path):
 
     from helpers import REPO
 
-    extra = ["--queue_size", "64"] if name == "pcrl_pretrain" else ["--num_labeled", "2"]
+    extra = EXTRA.get(name, ["--num_labeled", "2"])
     args = [
         "-m",
         "monai.bundle",

@@ -15,7 +15,7 @@ from medssl.geometry import VARIANTS, write_variant
 from medssl.metrics import case_metrics
 
 SEGMENTATION = ["la_seg_finetune", "cvrl_semisup", "simcvd_distill"]
-ALL = SEGMENTATION + ["pcrl_pretrain"]
+ALL = SEGMENTATION + ["pcrl_pretrain", "spark_pretrain"]
 
 
 def _parser(bundle, *names, **overrides):

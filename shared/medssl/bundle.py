@@ -9,7 +9,7 @@ from typing import Any, Optional, Sequence
 
 __all__ = ["bundle_path", "run_bundle", "require_weights", "default_index", "cache_dir", "BUNDLE_NAMES"]
 
-BUNDLE_NAMES = ("la_seg_finetune", "cvrl_semisup", "simcvd_distill", "pcrl_pretrain")
+BUNDLE_NAMES = ("la_seg_finetune", "cvrl_semisup", "simcvd_distill", "pcrl_pretrain", "spark_pretrain")
 REPO_ROOT = Path(__file__).resolve().parents[2]  # shared/medssl/bundle.py -> the checkout
 
 
