@@ -154,16 +154,16 @@ def test_boundary_aware_contrast():
             view2.flatten(2).transpose(1, 2)[:, : index.shape[1]],
         )
 
-    import medssl.losses as losses
+    import medssl.losses.simcvd as simcvd  # where BoundaryAwareContrastLoss looks _sample_voxels up
 
-    real = losses._sample_voxels
-    losses._sample_voxels = lambda q, k, n, index: (spy(q, k, n, index), real(q, k, n, index))[1]
+    real = simcvd._sample_voxels
+    simcvd._sample_voxels = lambda q, k, n, index: (spy(q, k, n, index), real(q, k, n, index))[1]
     try:
         BoundaryAwareContrastLoss(num_voxels=8, band=0.05)(
             torch.randn(1, 3, 1000, 1, 1), torch.randn(1, 3, 1000, 1, 1), sdm=sdm
         )
     finally:
-        losses._sample_voxels = real
+        simcvd._sample_voxels = real
     assert (picked[0] < 10).float().mean() >= 0.99  # exp(-1/0.05) makes a far voxel ~5e8 times less likely
     with pytest.raises(ValueError, match="give the signed distance map"):
         loss(e, e)

@@ -1,148 +1,34 @@
-"""MONAI dictionary transforms shared by the medssl bundles."""
+"""PCRL data transforms: the two overlapping views, their corruptions and the spatially coded targets.
+
+Zhou et al., "Preservational Learning Improves Self-supervised Medical Image Models by Reconstructing Diverse
+Contexts", ICCV 2021 (official code: Luchixiang/PCRL; the corruptions come from Models Genesis).
+
+- :class:`RandOverlappingCropsd` (with :func:`box_iou`): two overlapping random crops, the two views.
+- :class:`RandLocalPixelShuffled`, :class:`RandPaintingd`: local pixel shuffling and in-/out-painting of the views.
+- :class:`RandSpatialCoded` (with :func:`apply_spatial_code`): flips + 90-degree rotation of the reconstruction
+  targets, with the 7-d code of the transform.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Hashable, Mapping, Sequence
+from typing import Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
-from medssl.data import DataError
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, RandomizableTransform
 from monai.utils import convert_to_dst_type
 
 __all__ = [
-    "CheckVolumed",
-    "SignedDistanceMapd",
-    "signed_distance_map",
     "RandOverlappingCropsd",
     "RandLocalPixelShuffled",
     "RandPaintingd",
     "RandSpatialCoded",
     "box_iou",
     "apply_spatial_code",
-    "LoadVolumed",
 ]
-
-
-def _source(data: Mapping, key: Hashable) -> str:
-    meta = getattr(data[key], "meta", None) or data.get(f"{key}_meta_dict", {})
-    return str(meta.get("filename_or_obj", f"<{key}>"))
-
-
-class CheckVolumed(MapTransform):
-    """Check loaded volumes before they reach a network: finite intensities, label values in ``classes``.
-
-    Placed right after ``LoadImaged`` (channel first) in the deterministic part of a pipeline, so a
-    ``CacheDataset`` finds bad voxels once, at start-up, and the error names the file.
-
-    Args:
-        keys: the image keys to check for NaN/Inf.
-        label_keys: the label keys to check for values outside ``classes`` (absent keys are skipped,
-            so one pipeline serves labeled and unlabeled entries).
-        classes: the allowed label values.
-
-    Raises:
-        DataError: a NaN/Inf voxel, or a label value outside ``classes``, with the file name.
-    """
-
-    def __init__(
-        self,
-        keys: KeysCollection,
-        label_keys: KeysCollection = (),
-        classes: Sequence[int] = (0, 1),
-        allow_missing_keys: bool = True,
-    ) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.label_keys = [label_keys] if isinstance(label_keys, str) else list(label_keys)
-        self.classes = torch.as_tensor(list(classes))
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
-        d = dict(data)
-        for key in self.key_iterator(d):
-            img = torch.as_tensor(d[key])
-            if not torch.isfinite(img).all():
-                bad = int((~torch.isfinite(img)).sum())
-                raise DataError(f"{_source(d, key)}: {bad} NaN/Inf voxels; expected finite intensities.")
-        for key in self.label_keys:
-            if key not in d:
-                continue
-            values = torch.unique(torch.as_tensor(d[key]))
-            extra = values[~torch.isin(values, self.classes.to(values.dtype))]
-            if extra.numel():
-                raise DataError(
-                    f"{_source(d, key)}: label values {np.round(extra.cpu().numpy()[:10], 4).tolist()} outside the "
-                    f"expected classes {self.classes.tolist()}."
-                )
-        return d
-
-
-def signed_distance_map(mask: np.ndarray) -> np.ndarray:
-    """Normalised signed distance map of a binary mask: negative inside, positive outside, 0 on the boundary.
-
-    The form of DTC (Luo et al., "Semi-supervised Medical Image Segmentation through Dual-task Consistency",
-    AAAI 2021) used by SimCVD: with ``d_in`` the Euclidean distance of a foreground voxel to the background and
-    ``d_out`` that of a background voxel to the foreground,
-    ``sdm = (d_out - min d_out) / (max d_out - min d_out) - (d_in - min d_in) / (max d_in - min d_in)``, in [-1, 1],
-    then 0 on the inner boundary (foreground voxels with a face-neighbour in the background; the array edge is not
-    a boundary). An empty mask gives all zeros (DTC's choice); a full mask gives -1 everywhere (no boundary in view;
-    DTC divides by zero there).
-
-    Args:
-        mask: binary array, any number of spatial dims (no channel).
-    """
-    pos = np.asarray(mask) > 0
-    if not pos.any():
-        return np.zeros(pos.shape, np.float32)
-    neg = ~pos
-    if not neg.any():  # no boundary in view: everything is deep inside
-        return -np.ones(pos.shape, np.float32)
-    d_in = ndimage.distance_transform_edt(pos)
-    d_out = ndimage.distance_transform_edt(neg)
-
-    def _unit(d: np.ndarray) -> np.ndarray:
-        lo, hi = d.min(), d.max()
-        return (d - lo) / (hi - lo) if hi > lo else np.zeros_like(d)
-
-    sdm = _unit(d_out) - _unit(d_in)
-    boundary = pos & ~ndimage.binary_erosion(pos, ndimage.generate_binary_structure(pos.ndim, 1), border_value=1)
-    sdm[boundary] = 0.0
-    return sdm.astype(np.float32)
-
-
-class SignedDistanceMapd(MapTransform):
-    """Add the normalised signed distance map of a label (see :func:`signed_distance_map`) under ``output_key``.
-
-    Placed after the random crop, it measures distances within the training patch, as DTC and SimCVD do. Absent
-    label keys are skipped, so one pipeline serves labeled and unlabeled entries.
-
-    Args:
-        keys: the label key(s) (channel-first, one channel per foreground class, or class ids with one channel).
-        output_key: key of the map; with several keys, ``f"{key}_{output_key}"``.
-    """
-
-    def __init__(self, keys: KeysCollection, output_key: str = "sdm", allow_missing_keys: bool = True) -> None:
-        super().__init__(keys, allow_missing_keys)
-        self.output_key = output_key
-
-    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
-        d = dict(data)
-        keys = list(self.key_iterator(d))
-        for key in keys:
-            label = d[key]
-            arr = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
-            sdm = np.stack([signed_distance_map(c == 1 if arr.shape[0] == 1 else c > 0) for c in arr])
-            out = torch.as_tensor(sdm)
-            d[self.output_key if len(keys) == 1 else f"{key}_{self.output_key}"] = out
-        return d
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# PCRL data transforms (Zhou et al., ICCV 2021)
-# --------------------------------------------------------------------------------------------------------------------
 
 
 def _keys_present(transform: MapTransform, d: Mapping, name: str) -> list:
@@ -652,40 +538,3 @@ class RandSpatialCoded(RandomizableTransform, MapTransform):
             d[key] = apply_spatial_code(d[key], self.code)
             d[f"{key}{self.code_key_suffix}"] = torch.as_tensor(self.code.copy())
         return d
-
-
-class LoadVolumed(MapTransform):
-    """MONAI's ``LoadImaged`` that reports an unreadable file as a :class:`medssl.data.DataError` naming it.
-
-    ``LoadImaged`` lets the reader's own exception through (an ``EOFError`` of gzip, a ``ValueError`` of nibabel,
-    ...), wrapped by MONAI's transform error, without saying which of a case's files failed. This loads through
-    ``LoadImaged`` unchanged and, on failure, reads each of the entry's files on its own to name the culprit.
-
-    Args:
-        keys, **kwargs: as ``monai.transforms.LoadImaged`` (``ensure_channel_first``, ``image_only``, ...).
-
-    Raises:
-        DataError: ``"<file>: not a readable NIfTI volume (<reason>)"``.
-    """
-
-    def __init__(self, keys: KeysCollection, allow_missing_keys: bool = False, **kwargs) -> None:
-        from monai.transforms import LoadImaged
-
-        super().__init__(keys, allow_missing_keys)
-        self.loader = LoadImaged(keys, allow_missing_keys=allow_missing_keys, **kwargs)
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict:
-        try:
-            return self.loader(data)
-        except Exception as e:  # the readers raise many types; name the file instead
-            culprit, reason = None, f"{type(e).__name__}: {e}"
-            for key in self.key_iterator(dict(data)):
-                try:
-                    import nibabel as nib
-
-                    np.asanyarray(nib.load(str(data[key])).dataobj)
-                except Exception as inner:
-                    culprit, reason = data[key], f"{type(inner).__name__}: {inner}"
-                    break
-            files = culprit or ", ".join(str(data[k]) for k in self.key_iterator(dict(data)))
-            raise DataError(f"{files}: not a readable NIfTI volume ({reason}).") from e
