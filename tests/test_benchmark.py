@@ -65,12 +65,17 @@ def test_paired_comparisons_hand_case():
     scratch = [0.70, 0.80, 0.60, 0.90, 0.75]
     spark = [0.71, 0.82, 0.63, 0.94, 0.80]
     pcrl = [0.72, 0.80, 0.66, 0.90, 0.75]
-    run = lambda m, d: {"method": m, "labels": 4, "cases": [{"case": f"c{i}", "dice": v} for i, v in enumerate(d)]}
-    lines = paired_comparisons([run("supervised", scratch), run("spark+supervised", spark), run("pcrl+supervised", pcrl)])
+
+    def run(method, dice):
+        return {"method": method, "labels": 4, "cases": [{"case": f"c{i}", "dice": v} for i, v in enumerate(dice)]}
+
+    lines = paired_comparisons(
+        [run("supervised", scratch), run("spark+supervised", spark), run("pcrl+supervised", pcrl)]
+    )
     rows = {line.split(" | ")[1]: line for line in lines if line.startswith("| 4 |")}
     assert set(rows) == {"pcrl+supervised vs supervised", "spark+supervised vs supervised",
                          "spark+supervised vs pcrl+supervised"}  # fmt: skip
-    assert rows["spark+supervised vs supervised"] == "| 4 | spark+supervised vs supervised | +3.00 | +3.00 | 5 of 5 | 0.062 |"
+    assert rows["spark+supervised vs supervised"].endswith("| +3.00 | +3.00 | 5 of 5 | 0.062 |")
     assert rows["spark+supervised vs pcrl+supervised"].endswith("| +1.40 | +2.00 | 3 of 5 | 0.438 |")
     assert paired_comparisons([run("supervised", scratch)]) == []
 

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from medssl.networks import VNet
-from medssl.spark import SparKLoss, SparKNet, cell_stats, draw_mask, spark_loss, sparse_batch_norm, upsample_mask
+from medssl.losses import SparKLoss, spark_loss
+from medssl.spark import SparKNet, cell_stats, draw_mask, sparse_batch_norm, upsample_mask
 
 
 def test_mask_hides_the_ratio_of_coarse_cells_and_repeats_to_every_scale():

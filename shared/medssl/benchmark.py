@@ -173,8 +173,8 @@ def plan_runs(
 ) -> List[Dict[str, Any]]:
     """The runs of a benchmark: ``[{"name", "method", "labels", "bundle", "dir", "steps": [...]}]`` where each step
     is ``{"kind": "pretrain"|"train"|"evaluate", "config": [...], "overrides": {...}}``. The PCRL pre-training is
-    one shared run per pre-training bundle (``pcrl_pretrain``, ``spark_pretrain``) that the ``pcrl+*`` / ``spark+*`` runs
-    start from."""
+    one shared run per pre-training bundle (``pcrl_pretrain``, ``spark_pretrain``) that the ``pcrl+*`` / ``spark+*``
+    runs start from."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}.")

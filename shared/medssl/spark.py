@@ -15,8 +15,9 @@ Medical Imaging", Scientific Reports 2023 (arXiv 2308.06534). Our implementation
 - Densify at each scale: a sparse BatchNorm, a learnable mask token in the hidden positions, a projection conv (1x1x1
   at the coarsest scale, 3x3x3 elsewhere); a light decoder of the VNet decoder's shape (transposed-conv up, additive
   densified skip, conv stage) and a 1x1x1 conv to the image channels.
-- Loss (:func:`spark_loss`): MSE on the hidden cells only, against the input normalised per cell (the cell's mean and
-  unbiased variance, ``(x - mean) / sqrt(var + 1e-6)``), averaged over hidden cells.
+- Loss (:func:`medssl.losses.spark_loss`; objective :class:`medssl.losses.SparKLoss`): MSE on the hidden cells
+  only, against the input normalised per cell (the cell's mean and unbiased variance, ``(x - mean) / sqrt(var +
+  1e-6)``), averaged over hidden cells.
 
 The encoder is the VNet's own ``encoder`` module list under the VNet's names, so ``models/model.pt`` initialises the
 encoder of every other bundle through ``pretrained_ckpt``. The SparK decoder, densify layers and mask tokens are kept
@@ -26,10 +27,9 @@ the encoder is transferred (the decoder learnt to fill mask tokens, not to segme
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from medssl.networks import DECODER_CONVS, VNet, _UpStage
@@ -37,12 +37,10 @@ from medssl.networks import DECODER_CONVS, VNet, _UpStage
 __all__ = [
     "SparKNet",
     "SparKForward",
-    "SparKLoss",
     "draw_mask",
     "upsample_mask",
     "sparse_batch_norm",
     "cell_stats",
-    "spark_loss",
 ]
 
 STRIDE = 16  # the VNet's total downsampling: one mask element per 16^3 voxels
@@ -105,31 +103,6 @@ def cell_stats(x: torch.Tensor, cell: int = STRIDE, eps: float = 1e-6) -> Tuple[
     return mean.unsqueeze(1), (var + eps).sqrt().unsqueeze(1)
 
 
-def _per_cell(x: torch.Tensor, cell: int) -> torch.Tensor:
-    """``[B, 1, h, w, d]`` per-cell values repeated to voxels."""
-    return upsample_mask(x, cell)
-
-
-def spark_loss(
-    pred: torch.Tensor, image: torch.Tensor, visible: torch.Tensor, cell: int = STRIDE, eps: float = 1e-6
-) -> torch.Tensor:
-    """SparK's reconstruction loss: mean squared error between ``pred`` and the per-cell normalised ``image``,
-    averaged over the voxels of each cell, then over the hidden cells only (visible cells count for nothing).
-
-    Args:
-        pred: the decoder's output ``[B, C, H, W, D]`` (in per-cell normalised units).
-        image: the unmasked input ``[B, C, H, W, D]``.
-        visible: ``[B, 1, H/cell, W/cell, D/cell]`` boolean mask (True = visible).
-    """
-    mean, std = cell_stats(image, cell, eps)
-    target = (image.float() - _per_cell(mean, cell)) / _per_cell(std, cell)
-    err = (pred.float() - target) ** 2
-    b, c, h, w, d = err.shape
-    per_cell = err.reshape(b, c, h // cell, cell, w // cell, cell, d // cell, cell).mean(dim=(1, 3, 5, 7))
-    hidden = (~visible[:, 0]).float()
-    return (per_cell * hidden).sum() / (hidden.sum() + 1e-8)
-
-
 class SparKNet(nn.Module):
     """The VNet encoder with SparK's sparse forward, densify layers and light decoder (see the module docstring).
 
@@ -149,7 +122,12 @@ class SparKNet(nn.Module):
     """
 
     def __init__(
-        self, in_channels: int = 1, n_filters: int = 16, norm: str = "batch", mask_ratio: float = 0.6, eval_seed: int = 0
+        self,
+        in_channels: int = 1,
+        n_filters: int = 16,
+        norm: str = "batch",
+        mask_ratio: float = 0.6,
+        eval_seed: int = 0,
     ) -> None:
         super().__init__()
         if norm not in ("batch", "none"):
@@ -231,7 +209,7 @@ class SparKNet(nn.Module):
 
 
 class SparKForward(nn.Module):
-    """Adapter whose ``forward`` is ``net.masked_forward``, for DDP to wrap (see :class:`medssl.networks.HeadsForward`)."""
+    """Adapter whose ``forward`` is ``net.masked_forward``, for DDP to wrap (as ``medssl.networks.HeadsForward``)."""
 
     def __init__(self, net: SparKNet) -> None:
         super().__init__()
@@ -239,29 +217,3 @@ class SparKForward(nn.Module):
 
     def forward(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
         return self.net.masked_forward(x, visible)
-
-
-class SparKLoss(nn.Module):
-    """The SparK objective for :class:`medssl.engines.SelfSupervisedTrainer`: draws a mask per sample (torch's global
-    generator, seeded by the bundle), runs the student's masked forward on ``batch[image_key]`` and returns
-    ``{"loss", "loss_masked_mse"}`` (:func:`spark_loss`).
-
-    Args:
-        mask_ratio: fraction of the 16^3 cells hidden (0.6).
-        image_key: the batch entry holding the images.
-    """
-
-    def __init__(self, mask_ratio: float = 0.6, image_key: str = "image") -> None:
-        super().__init__()
-        if not 0.0 < mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}.")
-        self.mask_ratio, self.image_key = float(mask_ratio), image_key
-
-    def forward(self, student, teacher, batch: Dict[str, torch.Tensor], iteration: int) -> Dict[str, torch.Tensor]:
-        if self.image_key not in batch:
-            raise KeyError(f"SparKLoss: the batch has no {self.image_key!r}; keys: {sorted(batch)}.")
-        image = batch[self.image_key]
-        grid = [s // STRIDE for s in image.shape[2:]]
-        visible = draw_mask(image.shape[0], grid, self.mask_ratio, image.device)
-        loss = spark_loss(student(image, visible), image, visible)
-        return {"loss": loss, "loss_masked_mse": loss.detach()}

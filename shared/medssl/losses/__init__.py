@@ -20,6 +20,8 @@ Objectives (what :class:`medssl.engines.SemiSupervisedTrainer` calls each iterat
   :class:`PairwiseSimilarityDistillationLoss`, in :mod:`medssl.losses.simcvd`.
 - :class:`PCRLLoss`: PCRL pre-training (Zhou et al., ICCV 2021), with :class:`QueueInfoNCELoss`
   (for :class:`medssl.engines.SelfSupervisedTrainer`), in :mod:`medssl.losses.pcrl`.
+- :class:`SparKLoss`: SparK masked image modelling (Tian et al., ICLR 2023), with :func:`spark_loss`, in
+  :mod:`medssl.losses.spark` (the network, mask and sparse BatchNorm: :mod:`medssl.spark`).
 
 The voxel sampling both voxel-wise contrasts (CVRL, SimCVD) share is in :mod:`medssl.losses.voxel_sampling`.
 """
@@ -30,6 +32,7 @@ from medssl.losses.mean_teacher import sigmoid_rampup, softmax_mse
 from medssl.losses.pcrl import PCRLLoss, QueueInfoNCELoss, _split_bn_encode  # noqa: F401 (tests import it here)
 from medssl.losses.segmentation import supervised_loss
 from medssl.losses.simcvd import BoundaryAwareContrastLoss, PairwiseSimilarityDistillationLoss, SimCVDLoss
+from medssl.losses.spark import SparKLoss, spark_loss
 
 __all__ = [
     "sigmoid_rampup",
@@ -44,4 +47,6 @@ __all__ = [
     "SimCVDLoss",
     "QueueInfoNCELoss",
     "PCRLLoss",
+    "spark_loss",
+    "SparKLoss",
 ]
