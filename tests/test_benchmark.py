@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from helpers import REPO
 
-from medssl.benchmark import PROFILES, paired_comparisons, parse_training_log, plan_runs
+from medssl.benchmark import PROFILES, paired_comparisons, parse_training_log, plan_runs, pool_seeds
 from medssl.precision import cpu_bf16_support
 
 
@@ -78,6 +78,50 @@ def test_paired_comparisons_hand_case():
     assert rows["spark+supervised vs supervised"].endswith("| +3.00 | +3.00 | 5 of 5 | 0.062 |")
     assert rows["spark+supervised vs pcrl+supervised"].endswith("| +1.40 | +2.00 | 3 of 5 | 0.438 |")
     assert paired_comparisons([run("supervised", scratch)]) == []
+
+
+def test_seeds_repeat_fine_tuning_and_pool_per_case():
+    """--seeds 2: each (method, labels) is fine-tuned again with seed 1338 from the same pre-training; the report pairs
+    runs of the same seed, and the per-case means over seeds (Dice averaged per case, then compared)."""
+    runs = plan_runs(PROFILES["cpu"], ["supervised", "spark+supervised"], [4], 60, Path("/d"), Path("/o"), seeds=2)
+    assert [r["name"] for r in runs] == [
+        "spark_pretrain", "supervised-4", "supervised-4-seed2", "spark+supervised-4", "spark+supervised-4-seed2",
+        "supervised-60",
+    ]  # fmt: skip
+    by_name = {r["name"]: r for r in runs}
+    assert "seed" not in by_name["supervised-4"]["steps"][0]["overrides"]  # seed 1: the bundle's own (1337)
+    assert by_name["spark+supervised-4-seed2"]["steps"][0]["overrides"]["seed"] == 1338
+    assert by_name["spark+supervised-4-seed2"]["dir"] == "/o/runs/spark_supervised-4-seed2"
+    assert by_name["spark+supervised-4-seed2"]["steps"][0]["overrides"]["pretrained_ckpt"] == (
+        "/o/runs/spark_pretrain/models/model.pt"
+    )
+    with pytest.raises(ValueError, match="seeds"):
+        plan_runs(PROFILES["cpu"], ["supervised"], [4], None, Path("/d"), Path("/o"), seeds=0)
+
+    def run(method, seed, dice):
+        cases = [{"case": f"c{i}", "dice": v} for i, v in enumerate(dice)]
+        return {"method": method, "labels": 4, "seed": seed, "cases": cases}
+
+    results = [
+        run("supervised", 1, [0.70, 0.80, 0.60, 0.90]),
+        run("supervised", 2, [0.74, 0.80, 0.64, 0.90]),
+        run("spark+supervised", 1, [0.71, 0.82, 0.63, 0.94]),  # +1, +2, +3, +4 points
+        run("spark+supervised", 2, [0.77, 0.76, 0.69, 0.89]),  # +3, -4, +5, -1 points
+    ]
+    pooled = {r["method"]: r for r in pool_seeds(results)}
+    assert [c["dice"] for c in pooled["spark+supervised"]["cases"]] == pytest.approx([0.74, 0.79, 0.66, 0.915])
+    assert pooled["spark+supervised"]["seed"] == "mean of 2"
+    assert pooled["spark+supervised"]["summary"]["dice"]["mean"] == pytest.approx(0.77625)
+    rows = {
+        line.split(" | ")[1]: line.split(" | ")[2:] for line in paired_comparisons(results) if line.startswith("| 4")
+    }
+    # exact two-sided Wilcoxon with 4 distinct |differences| (16 sign patterns): seed 1 all positive -> 2/16; seed 2
+    # W- = ranks of 4 and 1 = 3 + 1 = 4 -> 2 x 7/16; means over seeds +2, -1, +4, +1.5: W- = 1 -> 2 x 2/16
+    assert rows["spark+supervised vs supervised"] == ["+2.50", "+2.50", "4 of 4", "0.125 |"]
+    assert rows["spark+supervised vs supervised (seed 2)"] == ["+0.75", "+1.00", "2 of 4", "0.875 |"]
+    mean, median, better, p = rows["spark+supervised vs supervised (mean of 2)"]
+    assert float(mean) == pytest.approx(1.625, abs=0.006) and float(median) == pytest.approx(1.75)
+    assert better == "3 of 4" and p == "0.250 |"
 
 
 def test_parse_training_log(tmp_path):

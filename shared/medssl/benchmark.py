@@ -39,6 +39,7 @@ __all__ = [
     "METHODS",
     "SWEEP_METHODS",
     "paired_comparisons",
+    "pool_seeds",
     "Profile",
     "benchmark",
     "plan_runs",
@@ -147,6 +148,7 @@ METHODS: Dict[str, tuple] = {
 SWEEP_METHODS = ("supervised", "pcrl+supervised", "spark+supervised")
 DEFAULT_METHODS = ("supervised", "pcrl+supervised", "cvrl", "simcvd")
 METRICS = ("dice", "jaccard", "hd95", "asd")
+BUNDLE_SEED = 1337  # the "seed" of every bundle's train.json; seed k > 1 of a benchmark run uses BUNDLE_SEED + k - 1
 
 
 def _configs(bundle: str, *names: str, bundles_dir: Optional[str] = None) -> str:
@@ -170,6 +172,7 @@ def plan_runs(
     upper_bound: Optional[int],
     data_dir: Path,
     out: Path,
+    seeds: int = 1,
 ) -> List[Dict[str, Any]]:
     """The runs of a benchmark: ``[{"name", "method", "labels", "bundle", "dir", "steps": [...]}]`` where each step
     is ``{"kind": "pretrain"|"train"|"evaluate", "config": [...], "overrides": {...}}``. The PCRL pre-training is
@@ -198,13 +201,18 @@ def plan_runs(
                 ],
             }
         )
-    pairs = [(m, n) for m in methods for n in labels]
+    if int(seeds) < 1:
+        raise ValueError(f"seeds must be >= 1, got {seeds}.")
+    pairs = [(m, n, k) for m in methods for n in labels for k in range(1, int(seeds) + 1)]
     if upper_bound:
-        pairs.append(("supervised", upper_bound))
-    for method, n in pairs:
+        pairs.append(("supervised", upper_bound, 1))
+    for method, n, k in pairs:
         bundle, pretrained = METHODS[method]
-        d = out / "runs" / f"{method.replace('+', '_')}-{n}"
+        suffix = f"-seed{k}" if k > 1 else ""
+        d = out / "runs" / f"{method.replace('+', '_')}-{n}{suffix}"
         train = {"dataset_dir": str(data_dir), "bundle_root": str(d), "num_labeled": n, **profile.train}
+        if k > 1:
+            train["seed"] = BUNDLE_SEED + k - 1
         if pretrained:
             train["pretrained_ckpt"] = str(out / "runs" / pretrained / "models" / "model.pt")
         evaluate = {
@@ -217,9 +225,10 @@ def plan_runs(
         }
         runs.append(
             {
-                "name": f"{method}-{n}",
+                "name": f"{method}-{n}{suffix}",
                 "method": method,
                 "labels": n,
+                "seed": k,
                 "bundle": bundle,
                 "dir": str(d),
                 "steps": [
@@ -338,6 +347,7 @@ def benchmark(
     upper_bound: bool = True,
     bundles_dir: Optional[str] = None,
     amp: bool = True,
+    seeds: int = 1,
 ) -> Dict[str, Any]:
     """Run (or resume) a benchmark and write ``results.json``, ``results.md`` and the plots under ``out``.
 
@@ -350,6 +360,8 @@ def benchmark(
         methods: methods to run (see :data:`METHODS`).
         upper_bound: also train the supervised baseline with every training case labeled.
         amp: mixed precision where the device has it (the bundles' default); False trains and evaluates in fp32.
+        seeds: fine-tuning seeds per (method, label count) (see :func:`plan_runs`); the report pairs runs of the
+            same seed and, with several, the per-case means over seeds.
 
     Raises:
         ValueError: unknown profile or method, or a label count larger than the training set.
@@ -381,7 +393,7 @@ def benchmark(
         raise ValueError(
             f"labels {labels} must be between 1 and {n_train - 1} (the split has {n_train} training cases)."
         )
-    runs = plan_runs(prof, list(methods), labels, n_train if upper_bound else None, data_dir, out)
+    runs = plan_runs(prof, list(methods), labels, n_train if upper_bound else None, data_dir, out, seeds)
     for run in runs:
         done = Path(run["dir"]) / "done.json"
         if done.is_file():
@@ -411,6 +423,7 @@ def summarise(runs: List[Dict[str, Any]], profile: Profile) -> Dict[str, Any]:
             "name": run["name"],
             "method": run["method"],
             "labels": run["labels"],
+            "seed": run.get("seed", 1),
             "bundle": run["bundle"],
             "dir": run["dir"],
             "seconds": run.get("seconds", {}),
@@ -437,8 +450,9 @@ def write_report(results: Dict[str, Any], out: Path) -> None:
         "train min |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(runs, key=lambda r: (r["labels"], r["method"])):
+    for r in sorted(runs, key=lambda r: (r["labels"], r["method"], r.get("seed", 1))):
         s = r["summary"]
+        r = {**r, "method": _label(r)}
         pct = lambda m: f"{100 * s[m]['mean']:.2f} ± {100 * s[m]['std']:.2f}"  # noqa: E731
         dist = lambda m: f"{s[m]['mean']:.2f} ± {s[m]['std']:.2f}"  # noqa: E731
         spi = f"{r['seconds_per_iteration']:.2f}" if r["seconds_per_iteration"] else "-"
@@ -477,19 +491,55 @@ def write_report(results: Dict[str, Any], out: Path) -> None:
     _plot(results, out)
 
 
+def _label(run: Dict[str, Any]) -> str:
+    seed = run.get("seed", 1)
+    return run["method"] if seed == 1 else f"{run['method']} (seed {seed})"
+
+
+def pool_seeds(runs: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """One entry per (method, label count) that has several seeds: each case's Dice averaged over the seeds
+    (``seed`` = ``"mean of K"``), with the summary's Dice mean and std over those cases; single-seed groups are
+    left out."""
+    groups: Dict[tuple, List[Dict[str, Any]]] = {}
+    for r in runs:
+        if r.get("cases"):
+            groups.setdefault((r["method"], r["labels"]), []).append(r)
+    pooled = []
+    for (method, n), group in groups.items():
+        if len(group) < 2:
+            continue
+        per_case = [{c["case"]: c["dice"] for c in r["cases"]} for r in group]
+        common = sorted(set.intersection(*(set(d) for d in per_case)))
+        cases = [{"case": k, "dice": float(np.mean([d[k] for d in per_case]))} for k in common]
+        dice = np.array([c["dice"] for c in cases], dtype=float)
+        pooled.append(
+            {
+                "method": method,
+                "labels": n,
+                "seed": f"mean of {len(group)}",
+                "cases": cases,
+                "summary": {"dice": {"mean": float(np.nanmean(dice)), "std": float(np.nanstd(dice))}},
+            }
+        )
+    return pooled
+
+
 def paired_comparisons(runs: List[Dict[str, Any]]) -> List[str]:
-    """Markdown lines comparing runs case by case at the same label count: every method against ``supervised``
-    and each pre-training against the other (``spark+X`` vs ``pcrl+X``): mean and median Dice difference, cases
-    won, and the two-sided Wilcoxon signed-rank p over the test cases. Empty when there is nothing to pair."""
+    """Markdown lines comparing runs case by case at the same label count and seed: every method against
+    ``supervised`` and each pre-training against the other (``spark+X`` vs ``pcrl+X``): mean and median Dice
+    difference, cases won, and the two-sided Wilcoxon signed-rank p over the test cases; with several seeds also on
+    the per-case means over seeds (:func:`pool_seeds`). Empty when there is nothing to pair."""
     from scipy.stats import wilcoxon
 
-    by_key = {(r["method"], r["labels"]): r for r in runs if r.get("cases")}
+    runs = [r for r in runs if r.get("cases")]
+    by_key = {(r["method"], r["labels"], r.get("seed", 1)): r for r in runs + pool_seeds(runs)}
+    order = list(METHODS)
     pairs = []
-    for (method, n), r in sorted(by_key.items(), key=lambda kv: (kv[0][1], list(METHODS).index(kv[0][0]))):
-        if method != "supervised" and ("supervised", n) in by_key:
-            pairs.append((r, by_key[("supervised", n)]))
-        if method.startswith("spark+") and ("pcrl+" + method[len("spark+") :], n) in by_key:
-            pairs.append((r, by_key[("pcrl+" + method[len("spark+") :], n)]))
+    for (method, n, seed), r in sorted(by_key.items(), key=lambda kv: (kv[0][1], str(kv[0][2]), order.index(kv[0][0]))):
+        if method != "supervised" and ("supervised", n, seed) in by_key:
+            pairs.append((r, by_key[("supervised", n, seed)]))
+        if method.startswith("spark+") and ("pcrl+" + method[len("spark+") :], n, seed) in by_key:
+            pairs.append((r, by_key[("pcrl+" + method[len("spark+") :], n, seed)]))
     rows = []
     for a, b in pairs:
         da = {c["case"]: c["dice"] for c in a["cases"]}
@@ -499,8 +549,10 @@ def paired_comparisons(runs: List[Dict[str, Any]]) -> List[str]:
             continue
         diff = 100 * (np.array([da[k] for k in common]) - np.array([db[k] for k in common]))
         p = wilcoxon(diff).pvalue if np.any(diff != 0) else 1.0
+        seed = a.get("seed", 1)
+        which = "" if seed == 1 else f" ({'seed ' if isinstance(seed, int) else ''}{seed})"
         rows.append(
-            f"| {a['labels']} | {a['method']} vs {b['method']} | {diff.mean():+.2f} | {np.median(diff):+.2f} | "
+            f"| {a['labels']} | {a['method']} vs {b['method']}{which} | {diff.mean():+.2f} | {np.median(diff):+.2f} | "
             f"{int((diff > 0).sum())} of {len(common)} | {p:.3f} |"
         )
     if not rows:
@@ -522,6 +574,9 @@ def _plot(results: Dict[str, Any], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     runs = [r for r in results["runs"] if "summary" in r]
+    pooled = pool_seeds(runs)  # several seeds: one column of per-case means over the seeds
+    many = {(p["method"], p["labels"]) for p in pooled}
+    runs = [r for r in runs if (r["method"], r["labels"]) not in many] + pooled
     n_max = max((r["labels"] for r in runs), default=0)
     counts = sorted({r["labels"] for r in runs})
     upper = [r for r in runs if r["method"] == "supervised" and r["labels"] == n_max and len(counts) > 1]

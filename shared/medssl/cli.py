@@ -77,6 +77,7 @@ def benchmark(
     upper_bound: bool = True,
     bundles_dir: str = None,
     amp: bool = True,
+    seeds: int = 1,
 ) -> str:
     """Label-efficiency benchmark: each method at each label count vs the supervised baseline (see medssl.benchmark);
     writes results.json, results.md and PNG plots under ``out``; re-run to resume."""
@@ -93,6 +94,7 @@ def benchmark(
         upper_bound=as_bool(upper_bound, "upper_bound"),
         bundles_dir=bundles_dir,
         amp=as_bool(amp, "amp"),
+        seeds=int(seeds),
     )
     return str(Path(out) / "results.md")
 
