@@ -109,7 +109,7 @@ def test_check_properties_empty(name, names, workflow_type, sample_dir, tmp_path
     assert wf.check_properties() == []
 
 
-@pytest.mark.parametrize("name", TRAINABLE)
+@pytest.mark.parametrize("name", TRAINABLE + PRETRAINING)
 def test_bundle_layout(name):
     root = BUNDLES / name
     for f in [
@@ -138,6 +138,7 @@ def test_bundle_layout(name):
         "ckpt_dir",
         "pretrained_ckpt",
         "resume",
+        "spacing",
     ]:
         assert key in train, f"{name}/train.json lacks the common key {key!r}"
     readme = (root / "docs" / "README.md").read_text()
