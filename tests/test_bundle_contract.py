@@ -61,7 +61,7 @@ def trained(request, sample_dir, module_tmp):
     shutil.rmtree(root)  # one trained bundle on disk at a time
 
 
-@pytest.mark.parametrize("name", TRAINABLE)
+@pytest.mark.parametrize("name", TRAINABLE + PRETRAINING)
 def test_verify_metadata(name, schema_path):
     proc = bundle_cmd(
         "verify_metadata", "--meta_file", BUNDLES / name / "configs" / "metadata.json", "--filepath", schema_path
@@ -69,7 +69,7 @@ def test_verify_metadata(name, schema_path):
     assert "metadata is verified with no error" in proc.stdout
 
 
-@pytest.mark.parametrize("name", TRAINABLE)
+@pytest.mark.parametrize("name", TRAINABLE + PRETRAINING)
 def test_verify_net_in_out(name):
     proc = bundle_cmd(
         "verify_net_in_out",
@@ -86,7 +86,7 @@ def test_verify_net_in_out(name):
     assert "data shape of network is verified with no error" in proc.stdout
 
 
-@pytest.mark.parametrize("name", TRAINABLE)
+@pytest.mark.parametrize("name", TRAINABLE + PRETRAINING)
 @pytest.mark.parametrize(
     "names, workflow_type", [(["train"], "train"), (["inference"], "infer"), (["train", "evaluate"], "train")]
 )

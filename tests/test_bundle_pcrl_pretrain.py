@@ -157,44 +157,6 @@ def test_ckpt_export_torchscript_equals_eager(trained, tmp_path):
         torch.testing.assert_close(torch.jit.load(str(ts))(x), eager(x), rtol=1e-5, atol=1e-5)
 
 
-def test_verify_metadata_and_net_in_out(schema_path):
-    meta = BUNDLES / NAME / "configs" / "metadata.json"
-    assert (
-        "verified with no error" in bundle_cmd("verify_metadata", "--meta_file", meta, "--filepath", schema_path).stdout
-    )
-    proc = bundle_cmd(
-        "verify_net_in_out",
-        "network_def",
-        "--meta_file",
-        meta,
-        "--config_file",
-        configs(NAME, "inference"),
-        "--n",
-        2,
-        "--device",
-        "cpu",
-    )
-    assert "data shape of network is verified with no error" in proc.stdout
-
-
-@pytest.mark.parametrize("names, workflow_type", [(["train"], "train"), (["inference"], "infer")])
-def test_check_properties_empty(names, workflow_type, data, tmp_path):
-    from monai.bundle import ConfigWorkflow
-
-    wf = ConfigWorkflow(
-        config_file=[str(BUNDLES / NAME / "configs" / f"{n}.json") for n in names],
-        workflow_type=workflow_type,
-        meta_file=str(BUNDLES / NAME / "configs" / "metadata.json"),
-        logging_file=str(BUNDLES / NAME / "configs" / "logging.conf"),
-        dataset_dir=str(data),
-        bundle_root=str(tmp_path),
-        patch_size=[32, 32, 32],
-        num_workers=0,
-    )
-    wf.initialize()
-    assert wf.check_properties() == []
-
-
 def test_acceptance_command_on_real_la(la_dir, tmp_path):
     """The issue's acceptance command, verbatim but for bundle_root."""
     proc = bundle_cmd(

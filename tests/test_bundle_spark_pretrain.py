@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from helpers import BUNDLES, bundle_cmd, configs
+from helpers import bundle_cmd, configs
 
 from medssl.networks import VNet, load_pretrained
 from medssl.sample_data import sample_data
@@ -102,36 +102,6 @@ def test_evaluate_reports_reconstruction_error(trained, data):
     assert "reconstruction_mse" in proc.stdout
     rows = (root / "eval" / "reconstruction_mse_raw.csv").read_text().strip().splitlines()
     assert len(rows) == 2 and float(rows[1].split(",")[1]) > 0  # the one test case, some error in hidden cells
-
-
-def test_verify_metadata_and_net_in_out(schema_path):
-    meta = BUNDLES / NAME / "configs" / "metadata.json"
-    assert (
-        "verified with no error" in bundle_cmd("verify_metadata", "--meta_file", meta, "--filepath", schema_path).stdout
-    )
-    proc = bundle_cmd(
-        "verify_net_in_out", "network_def", "--meta_file", meta, "--config_file", configs(NAME, "inference"),
-        "--n", 2, "--device", "cpu",
-    )  # fmt: skip
-    assert "data shape of network is verified with no error" in proc.stdout
-
-
-@pytest.mark.parametrize("names, workflow_type", [(["train"], "train"), (["inference"], "infer")])
-def test_check_properties_empty(names, workflow_type, data, tmp_path):
-    from monai.bundle import ConfigWorkflow
-
-    wf = ConfigWorkflow(
-        config_file=[str(BUNDLES / NAME / "configs" / f"{n}.json") for n in names],
-        workflow_type=workflow_type,
-        meta_file=str(BUNDLES / NAME / "configs" / "metadata.json"),
-        logging_file=str(BUNDLES / NAME / "configs" / "logging.conf"),
-        dataset_dir=str(data),
-        bundle_root=str(tmp_path),
-        patch_size=[32, 32, 32],
-        num_workers=0,
-    )
-    wf.initialize()
-    assert wf.check_properties() == []
 
 
 def test_acceptance_command_on_real_la(la_dir, tmp_path):

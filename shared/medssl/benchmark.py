@@ -203,16 +203,16 @@ def plan_runs(
         )
     if int(seeds) < 1:
         raise ValueError(f"seeds must be >= 1, got {seeds}.")
-    pairs = [(m, n, k) for m in methods for n in labels for k in range(1, int(seeds) + 1)]
+    pairs = [(m, n, seed) for m in methods for n in labels for seed in range(1, int(seeds) + 1)]
     if upper_bound:
         pairs.append(("supervised", upper_bound, 1))
-    for method, n, k in pairs:
+    for method, n, seed in pairs:
         bundle, pretrained = METHODS[method]
-        suffix = f"-seed{k}" if k > 1 else ""
+        suffix = f"-seed{seed}" if seed > 1 else ""
         d = out / "runs" / f"{method.replace('+', '_')}-{n}{suffix}"
         train = {"dataset_dir": str(data_dir), "bundle_root": str(d), "num_labeled": n, **profile.train}
-        if k > 1:
-            train["seed"] = BUNDLE_SEED + k - 1
+        if seed > 1:
+            train["seed"] = BUNDLE_SEED + seed - 1
         if pretrained:
             train["pretrained_ckpt"] = str(out / "runs" / pretrained / "models" / "model.pt")
         evaluate = {
@@ -228,7 +228,7 @@ def plan_runs(
                 "name": f"{method}-{n}{suffix}",
                 "method": method,
                 "labels": n,
-                "seed": k,
+                "seed": seed,
                 "bundle": bundle,
                 "dir": str(d),
                 "steps": [

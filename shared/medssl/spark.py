@@ -41,6 +41,7 @@ __all__ = [
     "upsample_mask",
     "sparse_batch_norm",
     "cell_stats",
+    "cells_of",
 ]
 
 STRIDE = 16  # the VNet's total downsampling: one mask element per 16^3 voxels
@@ -91,14 +92,19 @@ def sparse_batch_norm(bn: nn.BatchNorm3d, x: torch.Tensor, visible: torch.Tensor
     return out.movedim(-1, 1)
 
 
-def cell_stats(x: torch.Tensor, cell: int = STRIDE, eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-cell mean and ``sqrt(var + eps)`` of ``x`` ``[B, C, H, W, D]`` over the ``cell^3`` voxels and all channels
-    of each cell (unbiased variance, as the official code), each ``[B, 1, H/cell, W/cell, D/cell]``."""
+def cells_of(x: torch.Tensor, cell: int = STRIDE) -> torch.Tensor:
+    """``x`` ``[B, C, H, W, D]`` as ``[B, H/cell, W/cell, D/cell, C * cell^3]`` (fp32): one row per cell."""
     b, c, h, w, d = x.shape
     if h % cell or w % cell or d % cell:
         raise ValueError(f"spatial size {[h, w, d]} must be divisible by the cell size {cell}.")
     cells = x.reshape(b, c, h // cell, cell, w // cell, cell, d // cell, cell)
-    cells = cells.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, h // cell, w // cell, d // cell, -1).float()
+    return cells.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, h // cell, w // cell, d // cell, -1).float()
+
+
+def cell_stats(x: torch.Tensor, cell: int = STRIDE, eps: float = 1e-6) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-cell mean and ``sqrt(var + eps)`` of ``x`` ``[B, C, H, W, D]`` over the ``cell^3`` voxels and all channels
+    of each cell (unbiased variance, as the official code), each ``[B, 1, H/cell, W/cell, D/cell]``."""
+    cells = cells_of(x, cell)
     mean, var = cells.mean(dim=-1), cells.var(dim=-1)
     return mean.unsqueeze(1), (var + eps).sqrt().unsqueeze(1)
 

@@ -9,7 +9,7 @@ from typing import Dict
 import torch
 from torch import nn
 
-from medssl.spark import STRIDE, cell_stats, draw_mask, upsample_mask
+from medssl.spark import STRIDE, cells_of, draw_mask
 
 __all__ = ["spark_loss", "SparKLoss"]
 
@@ -25,11 +25,9 @@ def spark_loss(
         image: the unmasked input ``[B, C, H, W, D]``.
         visible: ``[B, 1, H/cell, W/cell, D/cell]`` boolean mask (True = visible).
     """
-    mean, std = cell_stats(image, cell, eps)
-    target = (image.float() - upsample_mask(mean, cell)) / upsample_mask(std, cell)
-    err = (pred.float() - target) ** 2
-    b, c, h, w, d = err.shape
-    per_cell = err.reshape(b, c, h // cell, cell, w // cell, cell, d // cell, cell).mean(dim=(1, 3, 5, 7))
+    cells = cells_of(image, cell)  # one row per cell: the target normalised in the cell's own statistics
+    target = (cells - cells.mean(dim=-1, keepdim=True)) / (cells.var(dim=-1, keepdim=True) + eps).sqrt()
+    per_cell = ((cells_of(pred, cell) - target) ** 2).mean(dim=-1)
     hidden = (~visible[:, 0]).float()
     return (per_cell * hidden).sum() / (hidden.sum() + 1e-8)
 
