@@ -1,7 +1,10 @@
 """Bad input through the data path and the bundles: a clear error naming the file and what was expected, nothing
 half-written; and a bounded fuzz of corrupt NIfTI files that must give a clean error (never a crash or a hang)."""
 
+import gzip
+import hashlib
 import json
+import re
 import subprocess
 import sys
 
@@ -10,7 +13,8 @@ import pytest
 import torch
 from helpers import REPO, TINY, bundle_cmd, configs
 
-from medssl.data import DataError, check_headers, write_nifti
+from medssl.data import DataError, check_headers, write_dev_split, write_nifti
+from medssl.networks import VNet
 from medssl.sample_data import sample_data
 from medssl.transforms import CheckVolumed, LoadVolumed
 
@@ -33,7 +37,8 @@ def test_fuzzed_nifti_files_give_clean_errors(tmp_path):
     child never crashes and finishes within the time bound."""
     script = f"""
 import json, time, numpy as np, nibabel as nib
-from medssl.data import DataError, check_headers, write_nifti
+from medssl.data import DataError, check_headers, write_dev_split, write_nifti
+from medssl.networks import VNet
 from medssl.transforms import CheckVolumed, LoadVolumed
 rng = np.random.default_rng(0)
 root = {str(tmp_path)!r}
@@ -155,7 +160,8 @@ def test_bundle_stops_with_named_file(case, data, tmp_path):
         check=False,
     )
     assert proc.returncode != 0
-    assert expected in proc.stdout, proc.stdout[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]  # the reason, not MONAI's "Failed to evaluate ConfigExpression"
+    assert last.startswith("error: ") and expected in last, proc.stdout[-3000:]
     assert not (root / "models" / "model.pt").exists()
 
 
@@ -212,3 +218,115 @@ def test_check_volumed_reports_inf_too():
     img[0, 0, 0, 0] = float("inf")
     with pytest.raises(DataError, match="1 NaN/Inf voxels"):
         CheckVolumed("image")({"image": img})
+
+
+# -- a file whose voxels do not match its header, through every bundle entry point -------------------------------
+
+EOF_REASON = "EOFError: Compressed file ended before the end-of-stream marker was reached"
+
+
+@pytest.fixture(scope="module")
+def unreadable(module_tmp):
+    """Sample data, the same case made unreadable twice (``cut.nii.gz``: the gzip stream cut in half;
+    ``short.nii``: uncompressed, 1000 voxel bytes fewer than its header says), a datalist for each with the bad file
+    first in "training" and as the one "test" case, and a bundle root with random weights."""
+    root = module_tmp("unreadable")
+    data = sample_data(root / "data", num_cases=4, shape=(32, 32, 32), num_test=1)
+    raw = (data / "imagesTr" / "sample_000.nii.gz").read_bytes()
+    (root / "cut.nii.gz").write_bytes(raw[: len(raw) // 2])
+    plain = gzip.decompress(raw)
+    (root / "short.nii").write_bytes(plain[:-1000])
+    for name in ("cut.nii.gz", "short.nii"):
+        cases = [{"image": str(data / "imagesTr" / f"sample_00{i}.nii.gz")} for i in range(3)]
+        for i, case in enumerate(cases):
+            case["label"] = str(data / "labelsTr" / f"sample_00{i}.nii.gz")
+        cases[0]["image"] = str(root / name)
+        (root / f"ds_{name}").mkdir()
+        (root / f"ds_{name}" / "dataset.json").write_text(json.dumps({"training": cases, "test": cases[:1]}))
+    (root / "bundle" / "models").mkdir(parents=True)
+    torch.save(VNet().state_dict(), root / "bundle" / "models" / "model.pt")
+    return root
+
+
+def _reason(bad):
+    if bad.name == "cut.nii.gz":
+        return EOF_REASON
+    return f"OSError: Expected 131072 bytes, got 130072 bytes from {bad} - could the file be damaged?"
+
+
+def _last_line(proc):
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("name", ["cut.nii.gz", "short.nii"])
+def test_unreadable_file_is_the_last_line_of_inference_evaluate_and_training(name, unreadable, tmp_path):
+    """inference.json on the file, evaluate.json on a test list holding it, train.json with it among the labeled
+    cases: each run's last line names the file and says it is unreadable (MONAI's "applying transform
+    <...LoadVolumed object ...>" and "Failed to evaluate ConfigExpression" come before it); training stops while
+    the cache is filled, before its first iteration."""
+    bad, bundle = unreadable / name, unreadable / "bundle"
+    expected = f"error: {bad}: not a readable NIfTI volume ({_reason(bad)})."
+    tiny = [*TINY, "--bundle_root", bundle]
+    inference = bundle_cmd("run", "--config_file", configs("la_seg_finetune", "inference"), "--dataset_dir", bad,
+                           *tiny, check=False)  # fmt: skip
+    assert _last_line(inference) == expected, inference.stdout[-3000:]
+    evaluate = bundle_cmd("run", "--config_file", configs("la_seg_finetune", "train", "evaluate"), "--dataset_dir",
+                          unreadable / f"ds_{name}", *tiny, check=False)  # fmt: skip
+    assert _last_line(evaluate) == expected, evaluate.stdout[-3000:]
+    train = bundle_cmd("run", "--config_file", configs("la_seg_finetune", "train"), "--dataset_dir",
+                       unreadable / f"ds_{name}", "--num_labeled", 3, "--max_iterations", 2, *TINY, "--bundle_root",
+                       tmp_path / "b", check=False)  # fmt: skip
+    assert _last_line(train) == expected, train.stdout[-3000:]
+    assert "Iter: 1/2" not in train.stdout and not (tmp_path / "b" / "models" / "model.pt").exists()
+
+
+def test_unreadable_unlabeled_image_is_the_last_line_of_semi_supervised_training(unreadable, tmp_path):
+    bad = unreadable / "cut.nii.gz"
+    data = unreadable / "data"
+    images, labels = data / "imagesTr", data / "labelsTr"
+    names = [f"sample_00{i}.nii.gz" for i in (1, 2)]
+    labeled = [{"image": str(images / n), "label": str(labels / n)} for n in names]
+    unlabeled = [{"image": str(bad)}, {"image": str(images / "sample_003.nii.gz")}]
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "dataset.json").write_text(json.dumps({"training": labeled + unlabeled}))
+    proc = bundle_cmd("run", "--config_file", configs("cvrl_semisup", "train"), "--dataset_dir", tmp_path / "ds",
+                      "--num_labeled", 2, "--batch_size", 2, "--max_iterations", 2, *TINY, "--bundle_root",
+                      tmp_path / "b", check=False)  # fmt: skip
+    assert _last_line(proc) == f"error: {bad}: not a readable NIfTI volume ({EOF_REASON}).", proc.stdout[-3000:]
+    assert "Iter: 1/2" not in proc.stdout
+
+
+def test_unreadable_file_met_by_a_loader_worker_keeps_the_checkpoints(unreadable, tmp_path):
+    """Uncached (--cache_rate 0) with DataLoader worker processes, in the models folder of an earlier run: the
+    worker's error reaches the main process as text only, and the last line still names the file; the earlier run's
+    checkpoints and weights are left as they were, and nothing is added."""
+    root = tmp_path / "b"
+    common = ["--config_file", configs("la_seg_finetune", "train"), "--bundle_root", root, "--num_labeled", 3,
+              "--max_iterations", 2, "--patch_size", "[32,32,32]", "--sw_batch_size", 2]  # fmt: skip
+    bundle_cmd("run", *common, "--dataset_dir", unreadable / "data", "--save_interval", 1, "--num_workers", 0)
+    files = sorted((root / "models").iterdir())
+    assert [f.name for f in files] == ["checkpoint_1.pt", "checkpoint_2.pt", "model.pt"]
+    digests = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in files}
+    bad = unreadable / "short.nii"
+    proc = bundle_cmd("run", *common, "--dataset_dir", unreadable / "ds_short.nii", "--save_interval", 0,
+                      "--cache_rate", 0, "--num_workers", 2, check=False)  # fmt: skip
+    assert "in DataLoader worker process" in proc.stdout and "Iter: 1/2" not in proc.stdout
+    assert _last_line(proc) == f"error: {bad}: not a readable NIfTI volume ({_reason(bad)}).", proc.stdout[-3000:]
+    after = {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted((root / "models").iterdir())}
+    assert after == digests
+
+
+def test_nan_image_is_the_last_line_of_inference(unreadable, tmp_path):
+    arr = np.zeros((32, 32, 32))
+    arr[3, 4, 5] = np.inf
+    _set(tmp_path / "inf.nii.gz", arr)
+    proc = bundle_cmd("run", "--config_file", configs("la_seg_finetune", "inference"), "--dataset_dir",
+                      tmp_path / "inf.nii.gz", *TINY, "--bundle_root", unreadable / "bundle", check=False)  # fmt: skip
+    assert _last_line(proc) == f"error: {tmp_path / 'inf.nii.gz'}: 1 NaN/Inf voxels; expected finite intensities."
+
+
+def test_dev_split_names_an_unreadable_file(unreadable, tmp_path):
+    expected = f"{unreadable / 'short.nii'}: not a readable NIfTI volume (OSError: Expected 131072 bytes"
+    with pytest.raises(DataError, match=re.escape(expected)):
+        write_dev_split(unreadable / "ds_short.nii", tmp_path / "split", num_train=2, downsample=2)

@@ -168,6 +168,6 @@ def test_bad_input_stops_with_named_file(case, sample_dir, tmp_path):
         check=False,
     )
     assert proc.returncode != 0
-    assert proc.stdout.rstrip().splitlines()[-1].startswith("medssl.data.DataError: ")  # the reason comes last
+    assert proc.stdout.rstrip().splitlines()[-1].startswith("error: ")  # the reason comes last
     assert expected in proc.stdout.rstrip().splitlines()[-1]
     assert not (tmp_path / "b" / "models" / "model.pt").exists()

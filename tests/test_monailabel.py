@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -220,6 +221,17 @@ def test_monailabel_server_info_infer_train(tmp_path):
         np.testing.assert_allclose(pred.affine, image.affine, atol=1e-4)
         values = np.unique(np.asanyarray(pred.dataobj))
         assert set(values.tolist()) <= {0, 1}
+
+        # the request's own faults get a 4xx with the reason, not a bare 500 (MONAI Label's default)
+        cut = tmp_path / "cut.nii.gz"  # a path, as MONAI Label accepts besides image ids; the datastore stays clean
+        cut.write_bytes(cases[3].read_bytes()[: cases[3].stat().st_size // 2])
+        for image, status, detail in (
+            (urllib.parse.quote(str(cut)), 422, f"{cut}: not a readable NIfTI volume (EOFError: Compressed file ended"),
+            ("no_such_image", 404, "image 'no_such_image': no such image in the datastore."),
+        ):
+            with pytest.raises(urllib.error.HTTPError) as err:
+                _request(f"{base}/infer/la_seg_finetune?image={image}&output=image", method="POST")
+            assert err.value.code == status and json.loads(err.value.read())["detail"].startswith(detail)
 
         params = {"max_iterations": 2, "patch_size": [32, 32, 32], "num_workers": 0, "val_split": 0.0,
                   "device": "cpu", "multi_gpu": False}  # fmt: skip

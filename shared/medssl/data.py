@@ -13,15 +13,21 @@ import json
 import os
 import sys
 import tempfile
+from multiprocessing.pool import ThreadPool
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import monai.data
 import nibabel as nib
 import numpy as np
 import torch
+from monai.utils import optional_import
+
+tqdm, has_tqdm = optional_import("tqdm", name="tqdm")
 
 __all__ = [
     "DataError",
+    "data_error_message",
     "as_bool",
     "load_datalist",
     "labeled_list",
@@ -31,6 +37,7 @@ __all__ = [
     "check_headers",
     "voxel_spacing",
     "resampled_shape",
+    "CacheDataset",
     "InfiniteSampler",
     "write_nifti",
     "write_json",
@@ -45,19 +52,38 @@ class DataError(ValueError):
     """Bad input data: the message names the file or key and what was expected."""
 
 
-def _repeat_data_error(exc_type, exc, tb) -> None:
-    """Print the traceback, then repeat a DataError buried under MONAI's config errors as the last line."""
-    _previous_excepthook(exc_type, exc, tb)
-    cause, seen = exc, set()
-    while cause is not None and id(cause) not in seen and not isinstance(cause, DataError):
+def data_error_message(exc: BaseException) -> Optional[str]:
+    """The message of the :class:`DataError` behind ``exc``, on one line; None when there is none.
+
+    MONAI wraps an error raised in a transform (``applying transform <...LoadVolumed object ...>``) and again in a
+    config expression (``Failed to evaluate ConfigExpression``), so the DataError is searched along the chain of
+    causes. A DataLoader worker process sends only text: torch re-raises the worker's error in the main process as a
+    new exception whose message holds the worker's traceback, so its ``medssl.data.DataError: ...`` line is taken.
+    """
+    cause, seen, found = exc, set(), None
+    while cause is not None and id(cause) not in seen:
         seen.add(id(cause))
+        if isinstance(cause, DataError):
+            return " ".join(str(cause).split())
+        if found is None:
+            prefix = f"{DataError.__module__}.{DataError.__name__}: "
+            lines = [line[len(prefix) :] for line in str(cause).splitlines() if line.startswith(prefix)]
+            found = " ".join(lines[-1].split()) if lines else None
         cause = cause.__cause__ or cause.__context__
-    if cause is not None and cause is not exc:
-        sys.stderr.write(f"\nmedssl.data.DataError: {cause}\n")
+    return found
+
+
+def _repeat_data_error(exc_type, exc, tb) -> None:
+    """Print the traceback, then the DataError buried under MONAI's errors as the last line: ``error: <file>: ...``."""
+    _previous_excepthook(exc_type, exc, tb)
+    message = data_error_message(exc) if isinstance(exc, Exception) else None
+    if message:
+        sys.stderr.write(f"\nerror: {message}\n")
 
 
 # MONAI reports a failing config expression as "RuntimeError: Failed to evaluate ConfigExpression", with the
-# real reason (which file, what was expected) in the middle of the chained traceback; say it again at the end.
+# real reason (which file, what was expected) in the middle of a long chained traceback, and the line before it
+# names a transform object; say the reason again at the end, the way the medssl command line does.
 _previous_excepthook = sys.excepthook
 if sys.excepthook is sys.__excepthook__:
     sys.excepthook = _repeat_data_error
@@ -391,7 +417,8 @@ def _load_header(path: os.PathLike | str) -> nib.Nifti1Image:
     try:
         return nib.load(str(path))
     except Exception as e:  # nibabel raises several types for corrupt files
-        raise DataError(f"{path}: not a readable NIfTI volume ({type(e).__name__}: {e}).") from e
+        reason = " ".join(f"{type(e).__name__}: {e}".split())  # one line: it may end a run's output
+        raise DataError(f"{path}: not a readable NIfTI volume ({reason}).") from e
 
 
 def _spatial_shape(img: nib.Nifti1Image, path: os.PathLike | str) -> tuple:
@@ -403,7 +430,31 @@ def _spatial_shape(img: nib.Nifti1Image, path: os.PathLike | str) -> tuple:
     return shape
 
 
-# -- sampling ----------------------------------------------------------------------------------------------
+# -- caching and sampling ----------------------------------------------------------------------------------
+
+
+class CacheDataset(monai.data.CacheDataset):
+    """MONAI's ``CacheDataset`` that, when an item fails while the cache is filled (an unreadable file, NaN voxels),
+    lets the items other threads are loading finish before the error goes on.
+
+    MONAI leaves its thread pool on the error with those threads still inside torch's C++ code; the process then
+    exits under them and aborts ("terminate called without an active exception", exit status 134) after the error
+    was printed, so the abort, not the file's name, ends the run's output. The bundles' train.json use this class.
+    """
+
+    def _fill_cache(self, indices=None) -> list:
+        if self.cache_num <= 0:
+            return []
+        indices = list(range(self.cache_num)) if indices is None else indices
+        pool = ThreadPool(self.num_workers)
+        try:
+            items = pool.imap(self._load_cache_item, indices)
+            if self.progress and has_tqdm:
+                items = tqdm(items, total=len(indices), desc="Loading dataset")
+            return list(items)
+        finally:
+            pool.terminate()  # the items not started are dropped...
+            pool.join()  # ...and those being loaded are waited for
 
 
 class InfiniteSampler(torch.utils.data.Sampler):
@@ -493,8 +544,12 @@ def write_dev_split(
         for key, folder in (("image", "imagesTr"), ("label", "labelsTr")):
             target = out / folder / Path(e[key]).name
             if not target.is_file():
-                img = nib.load(e[key])
-                arr = np.asanyarray(img.dataobj, dtype=np.float32)
+                img = _load_header(e[key])
+                try:
+                    arr = np.asanyarray(img.dataobj, dtype=np.float32)
+                except Exception as err:  # voxels cut short or not matching the header: name the file
+                    reason = " ".join(f"{type(err).__name__}: {err}".split())
+                    raise DataError(f"{e[key]}: not a readable NIfTI volume ({reason}).") from err
                 small = _block_mean(arr, k)
                 small = (small >= 0.5).astype(np.uint8) if key == "label" else small.astype(np.float32)
                 affine = img.affine.copy()

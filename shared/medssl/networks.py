@@ -199,29 +199,36 @@ def load_pretrained(
         network: the network to initialise (changed in place and returned).
         path: a state-dict file (``models/model.pt`` of any medssl bundle) or a resume checkpoint holding
             one under ``key`` (default: ``"model"``, ``"network"`` or ``"state_dict"``); None/"" does nothing.
-        min_matched: refuse (``ValueError``) a file that matches fewer weight kernels (tensors of two or more
+        min_matched: refuse (``DataError``) a file that matches fewer weight kernels (tensors of two or more
             dimensions: convolution and linear weights), so a wrong file cannot silently leave the network
             untrained; 0 allows anything.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: the file is not a state dict, or fewer than ``min_matched`` tensors matched.
+        DataError (a ValueError): the file is unreadable or not a state dict, or fewer than ``min_matched`` tensors
+            matched; the bundles' runs repeat it as their last line (see ``medssl.data``).
     """
     if not path:
         return network
     import logging
     import os
 
+    from medssl.data import DataError
+
     logger = logging.getLogger("medssl")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"pretrained_ckpt {path!r}: file not found.")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated file, or one holding code: name it
+        reason = " ".join(f"{type(e).__name__}: {e}".split())
+        raise DataError(f"pretrained_ckpt {path!r}: not a readable weights file ({reason[:500]}).") from e
     for k in [key] if key else ["model", "network", "state_dict"]:
         if isinstance(state, dict) and isinstance(state.get(k), dict):
             state = state[k]
             break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"pretrained_ckpt {path!r}: expected a state dict of tensors.")
+        raise DataError(f"pretrained_ckpt {path!r}: expected a state dict of tensors.")
     state = {k[len("module.") :] if k.startswith("module.") else k: v for k, v in state.items()}
     own = network.state_dict()
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
@@ -232,7 +239,7 @@ def load_pretrained(
     kernels = [k for k, v in own.items() if v.ndim >= 2]
     matched_kernels = [k for k in kernels if k in matched]
     if len(matched_kernels) < min_matched:
-        raise ValueError(
+        raise DataError(
             f"pretrained_ckpt {path!r} matches {len(matched_kernels)} of the network's {len(kernels)} weight kernels "
             f"(shape mismatches: {reshaped[:5]}, unexpected: {unexpected[:5]}); is it a weights file of this "
             "architecture? Pass min_matched=0 (bundle key --pretrained_min_matched 0) to allow it."

@@ -18,6 +18,12 @@ from medssl.data import DataError
 __all__ = ["CheckVolumed", "LoadVolumed"]
 
 
+def _reason(e: BaseException) -> str:
+    # on one line: nibabel's "Expected N bytes, got M bytes from FILE\n - could the file be damaged?" would otherwise
+    # end the error (and a run's last line) without the file's name
+    return " ".join(f"{type(e).__name__}: {e}".split())
+
+
 def _source(data: Mapping, key: Hashable) -> str:
     meta = getattr(data[key], "meta", None) or data.get(f"{key}_meta_dict", {})
     return str(meta.get("filename_or_obj", f"<{key}>"))
@@ -94,14 +100,14 @@ class LoadVolumed(MapTransform):
         try:
             return self.loader(data)
         except Exception as e:  # the readers raise many types; name the file instead
-            culprit, reason = None, f"{type(e).__name__}: {e}"
+            culprit, reason = None, _reason(e)
             for key in self.key_iterator(dict(data)):
                 try:
                     import nibabel as nib
 
                     np.asanyarray(nib.load(str(data[key])).dataobj)
                 except Exception as inner:
-                    culprit, reason = data[key], f"{type(inner).__name__}: {inner}"
+                    culprit, reason = data[key], _reason(inner)
                     break
             files = culprit or ", ".join(str(data[k]) for k in self.key_iterator(dict(data)))
             raise DataError(f"{files}: not a readable NIfTI volume ({reason}).") from e
