@@ -51,3 +51,15 @@ def module_tmp(tmp_path_factory):
     yield mk
     for path in made:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def orthanc_server(module_tmp):
+    """A throw-away Orthanc PACS on 127.0.0.1 for the module (see tests/orthanc.py: free ports, AET ORTHANC, no
+    authentication, DICOMweb plugin); stopped after the module. Skips only when the Orthanc binary is absent."""
+    from orthanc import Orthanc, find_orthanc
+
+    if not find_orthanc():
+        pytest.skip("Orthanc not installed (apt-get install orthanc orthanc-dicomweb); CI installs it")
+    with Orthanc(module_tmp("orthanc")) as server:
+        yield server

@@ -82,3 +82,14 @@ def test_cli_errors_are_one_clear_line(tmp_path):
     assert proc.stdout.strip().splitlines()[-1].startswith("error: ") and "missing" in proc.stdout
     assert "Traceback" not in proc.stdout
     assert not (tmp_path / "out" / "dataset.json").exists()
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    """CI must run the README's test command as written (it installs the Debian packages the PACS tests need)."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("Set up and run the tests", 1)[1].split("```bash\n", 1)[1].split("\n```", 1)[0]
+    ci_lines = [
+        ln for ln in (REPO / ".ci" / "run").read_text().splitlines() if ln and not ln.startswith(("#", "set ", "cd "))
+    ]
+    assert ci_lines == [block.strip()]
+    assert "apt-get install" in block and "orthanc-dicomweb" in block and "dicom3tools" in block

@@ -15,7 +15,7 @@ from helpers import REPO, bundle_cmd
 
 from medssl.data import DataError, write_nifti
 from medssl.geometry import write_variant
-from medssl.segment import collect_scans, segment, segmentation_volume_ml
+from medssl.segment import collect_inputs, segment, segmentation_volume_ml
 
 CASES = (60, 61)  # 0-based rows of train.list: dev test cases 61 and 62
 
@@ -51,8 +51,10 @@ def test_segment_cli_scanner_units_and_a_folder(la_dir, tmp_path, pulled):
         cwd=tmp_path, env=pulled, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert sorted(p.name for p in out.iterdir()) == sorted([scanner_image.name.replace(".nii.gz", "_seg.nii.gz"),
-                                                            "other_seg.nii.gz"])  # fmt: skip
+    stem = scanner_image.name.replace(".nii.gz", "")
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"{stem}_seg.nii.gz", f"{stem}_statistics.json",
+                                                            "other_seg.nii.gz", "other_statistics.json",
+                                                            "summary.json"])  # fmt: skip
     for seg_name, img_path, lab_path in (
         (scanner_image.name.replace(".nii.gz", "_seg.nii.gz"), scanner_image, scanner_label),
         ("other_seg.nii.gz", flipped_image, flipped_label),
@@ -71,7 +73,7 @@ def test_segment_cli_scanner_units_and_a_folder(la_dir, tmp_path, pulled):
             if ln.startswith(img_path.name if seg_name != "other_seg.nii.gz" else "other")
         )
         assert f"{volume:.1f}" in line
-    assert "left atrium (mL)" in proc.stdout
+    assert "left atrium (mL)" in proc.stdout and proc.stdout.strip().splitlines()[-1] == "2 segmented, 0 failed"
 
 
 def test_segment_keeps_every_component_on_request_and_reuses_the_pull(la_dir, tmp_path, pulled, monkeypatch):
@@ -82,7 +84,9 @@ def test_segment_keeps_every_component_on_request_and_reuses_the_pull(la_dir, tm
     assert r["scan"] == str(image) and r["seconds"] > 0
     lab = np.asanyarray(nib.load(label).dataobj)
     assert _dice(nib.load(r["segmentation"]).dataobj, lab) > 0.88
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [os.path.basename(r["segmentation"])]  # no temp
+    assert r["status"] == "ok" and r["error"] is None and r["dicom_seg"] is None
+    written = sorted(p.name for p in (tmp_path / "a").iterdir())  # no temporary files left
+    assert written == sorted([os.path.basename(r["segmentation"]), os.path.basename(r["statistics"]), "summary.json"])
     bundles = sorted(p.name for p in (Path(pulled["MEDSSL_HOME"]) / "bundles").iterdir())
     assert bundles == ["la_seg_finetune_v0.3.0"]  # pulled once, reused
 
@@ -104,21 +108,66 @@ def test_segment_bad_inputs_name_the_file(tmp_path, pulled):
         str(bad / "broken.nii.gz"): "broken.nii.gz",
         str(empty): "folder holds no NIfTI files",
     }
-    for scan, message in cases.items():
+    for scan, message in cases.items():  # each alone: reported, the run ends with status 1 (some scans failed)
         proc = subprocess.run([sys.executable, "-m", "medssl", "segment", scan, "--out", str(tmp_path / "o")],
                               cwd=tmp_path, env=pulled, capture_output=True, text=True, timeout=300)  # fmt: skip
-        last = proc.stderr.strip().splitlines()[-1]
-        assert proc.returncode == 2 and last.startswith("error: ") and message in last, (scan, proc.stderr[-2000:])
-    with pytest.raises(DataError, match="3D"):
-        collect_scans([bad / "fourd.nii.gz"])
+        lines = proc.stdout.strip().splitlines()
+        assert proc.returncode == 1 and lines[-2] == "0 segmented, 1 failed", (scan, proc.stdout[-2000:])
+        assert lines[-1].startswith("error: ") and message in lines[-1], (scan, proc.stdout[-2000:])
+    assert [e.error is not None for e in collect_inputs([bad / "fourd.nii.gz", empty])] == [False, True]
     with pytest.raises(DataError, match="no scans given"):
-        collect_scans([])
+        collect_inputs([])
     a, b = tmp_path / "x" / "s.nii.gz", tmp_path / "y" / "s.nii.gz"
     for p in (a, b):
         write_nifti(np.zeros((8, 8, 8), np.float32), np.eye(4), p)
     with pytest.raises(DataError, match="would both be written as s_seg.nii.gz"):
-        collect_scans([a, b])
-    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+        collect_inputs([a, b])
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["summary.json"]  # nothing half-written
+
+
+def _truncated_copies(image, folder):
+    """A gzip cut short (header intact, voxels end early) and an uncompressed .nii whose voxel bytes are fewer than
+    its header says."""
+    raw = image.read_bytes()
+    (folder / "b_trunc.nii.gz").write_bytes(raw[: len(raw) // 2])
+    img = nib.load(image)
+    nib.save(nib.Nifti1Image(np.asarray(img.dataobj, np.float32), img.affine), folder / "short.nii")
+    data = (folder / "short.nii").read_bytes()
+    (folder / "b_short.nii").write_bytes(data[: len(data) - 100_000])
+    (folder / "short.nii").unlink()
+
+
+def test_one_bad_scan_never_costs_the_others(la_dir, tmp_path, pulled):
+    """Issue 23: three scans, the middle one truncated: two segmentations, the failure named, the summary line,
+    exit status 1; with --fail_fast, status 2, the same clear last line, and what was written before kept."""
+    good_a, _ = _case(la_dir, CASES[0])
+    good_c, _ = _case(la_dir, CASES[1])
+    for middle in ("b_trunc.nii.gz", "b_short.nii"):
+        folder = tmp_path / middle.split(".")[0]
+        folder.mkdir()
+        shutil.copy(good_a, folder / "a.nii.gz")
+        shutil.copy(good_c, folder / "c.nii.gz")
+        _truncated_copies(good_a, folder)
+        (folder / ("b_short.nii" if middle == "b_trunc.nii.gz" else "b_trunc.nii.gz")).unlink()
+        out = tmp_path / f"out_{folder.name}"
+        proc = subprocess.run([sys.executable, "-m", "medssl", "segment", str(folder), "--out", str(out)],
+                              cwd=tmp_path, env=pulled, capture_output=True, text=True, timeout=900)  # fmt: skip
+        lines = proc.stdout.strip().splitlines()
+        assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert lines[-2] == "2 segmented, 1 failed"
+        assert lines[-1].startswith(f"error: {folder / middle}: not a readable NIfTI volume ("), lines[-1]
+        assert sorted(p.name for p in out.glob("*_seg.nii.gz")) == ["a_seg.nii.gz", "c_seg.nii.gz"]
+        summary = json.loads((out / "summary.json").read_text())["scans"]
+        assert [s["status"] for s in summary] == ["ok", "failed", "ok"]
+        assert summary[1]["error"] == lines[-1][len("error: ") :]
+        if middle == "b_trunc.nii.gz":
+            fast = tmp_path / "fast"
+            proc = subprocess.run([sys.executable, "-m", "medssl", "segment", str(folder), "--out", str(fast),
+                                   "--fail_fast", "true"], cwd=tmp_path, env=pulled, capture_output=True, text=True,
+                                  timeout=900)  # fmt: skip
+            assert proc.returncode == 2
+            assert proc.stderr.strip().splitlines()[-1] == lines[-1], proc.stderr[-2000:]
+            assert sorted(p.name for p in fast.glob("*_seg.nii.gz")) == ["a_seg.nii.gz"]  # written before: kept
 
 
 def test_inference_without_weights_names_the_file_and_the_two_ways(tmp_path):

@@ -2,6 +2,7 @@
 
 Commands:
     demo         the main job: sample data -> short la_seg_finetune training -> evaluation -> table + PNG
+    dicom_node   DICOM node: receives MR series by C-STORE, segments each, C-STOREs the DICOM SEG to --destination
     prepare_la   convert a public LA release (UA-MT h5 or challenge nrrd layout) to NIfTI + dataset.json
     sample_data  write the synthetic atrium-like sample set
     dev_split    write the development split of the LA data (cases 1-60 train, 61-80 test), optionally downsampled
@@ -21,7 +22,11 @@ from pathlib import Path
 import fire
 from medssl.data import DataError, as_bool
 
-__all__ = ["main"]
+__all__ = ["main", "ScansFailed"]
+
+
+class ScansFailed(Exception):
+    """Some scans of a batch failed (each already reported); the command exits with status 1."""
 
 
 def prepare_la(src: str, out: str, overwrite: bool = False, seed: int = 0) -> str:
@@ -153,9 +158,16 @@ def segment(
     bundle_dir: str = None,
     device: str = None,
     largest_component: bool = True,
+    output_type: str = None,
+    series: str = None,
+    preview: bool = False,
+    fail_fast: bool = False,
 ) -> None:
-    """Segment NIfTI scans (files and/or folders) with a released bundle (pulled and verified if needed; or a bundle
-    folder with weights): writes OUT/<name>_seg.nii.gz in each scan's own geometry, prints the volume in mL."""
+    """Segment scans: NIfTI files or folders of them, DICOM series folders, study folders or .zip files (--series UID
+    picks a series) with a released bundle (pulled and verified if needed; or a bundle folder with weights). Writes
+    OUT/<name>_seg.nii.gz in each scan's own geometry, OUT/<name>_seg.dcm (DICOM SEG; --output_type
+    nifti|dicom_seg|both, default both for DICOM), <name>_statistics.json, --preview true: <name>_preview.png; prints
+    the volume in mL. A scan that fails is reported and skipped (exit status 1); --fail_fast true stops at it."""
     from medssl.segment import print_table
     from medssl.segment import segment as _segment
 
@@ -167,8 +179,53 @@ def segment(
         bundle_dir=bundle_dir,
         device=device,
         largest_component=as_bool(largest_component, "largest_component"),
+        output_type=output_type,
+        series=None if series is None else str(series),
+        preview=as_bool(preview, "preview"),
+        fail_fast=as_bool(fail_fast, "fail_fast"),
+        announce=print,
     )
     print_table(results)
+    failed = sum(r["status"] != "ok" for r in results)
+    if failed:
+        raise ScansFailed(f"{failed} of {len(results)} scans failed")
+
+
+def dicom_node(
+    workdir: str = "dicom_node",
+    ae_title: str = "MEDSSL",
+    port: int = 11112,
+    destination: str = None,
+    host: str = "127.0.0.1",
+    quiet_seconds: float = 10.0,
+    max_queue: int = 16,
+    send_retries: int = 3,
+    bundle: str = "la_seg_finetune",
+    index: str = None,
+    bundle_dir: str = None,
+    device: str = None,
+    largest_component: bool = True,
+) -> None:
+    """Run a DICOM node (Storage SCP, C-ECHO) until Ctrl-C: each complete MR series received (association released,
+    or --quiet_seconds without a new instance) is segmented and its DICOM SEG C-STOREd to --destination AET@HOST:PORT;
+    WORKDIR/incoming, done, failed keep every instance (see medssl.dicom_node)."""
+    from medssl.dicom_node import dicom_node as _dicom_node
+
+    _dicom_node(
+        workdir=workdir,
+        ae_title=ae_title,
+        port=port,
+        destination=destination,
+        host=host,
+        quiet_seconds=quiet_seconds,
+        max_queue=max_queue,
+        send_retries=send_retries,
+        bundle=bundle,
+        index=index,
+        bundle_dir=bundle_dir,
+        device=device,
+        largest_component=largest_component,
+    )
 
 
 def speed(
@@ -210,6 +267,7 @@ COMMANDS = {
     "benchmark": benchmark,
     "demo": demo,
     "dev_split": dev_split,
+    "dicom_node": dicom_node,
     "package": package,
     "prepare_la": prepare_la,
     "pull": pull,
@@ -220,11 +278,16 @@ COMMANDS = {
 
 
 def main(argv=None) -> int:
-    """Entry point of ``python -m medssl``: known errors print one ``error:`` line and exit 2."""
+    """Entry point of ``python -m medssl``: known errors print one ``error:`` line (the project's own reason where
+    MONAI wrapped it) and exit 2; a batch in which some scans failed exits 1."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s - %(name)s - %(levelname)s - %(message)s")
     try:
         fire.Fire(COMMANDS, command=argv, name="python -m medssl")
+    except ScansFailed:
+        return 1
     except (DataError, FileNotFoundError, FileExistsError, RuntimeError, ValueError) as e:  # ReleaseError too
-        print(f"error: {e}", file=sys.stderr)
+        from medssl.segment import error_reason
+
+        print(f"error: {error_reason(e)}", file=sys.stderr)
         return 2
     return 0

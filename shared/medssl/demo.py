@@ -131,7 +131,9 @@ def release_demo(out: os.PathLike | str, scan: Optional[str] = None) -> Optional
             return None
         image, label = write_variant(*case, out / "scan", "scanner_units")
     print(f"\nreleased la_seg_finetune on a real LA MRI ({image.name}{', scanner-like units' if label else ''}):")
-    (result,) = segment([image], out=out / "segmentations", bundle_dir=str(out / "bundles"), progress=False)
+    (result,) = segment(
+        [image], out=out / "segmentations", bundle_dir=str(out / "bundles"), progress=False, fail_fast=True
+    )
     print_table([result])
     pred = nib.load(result["segmentation"])
     dice = None

@@ -1,70 +1,123 @@
 """``python -m medssl segment SCAN [SCAN ...]``: a clinician's one-liner around a bundle's ``inference.json``.
 
-Takes NIfTI files and/or folders of them, pulls the released bundle (checksum-verified; from the checkout's committed
-``releases/`` by default, no network) unless a bundle folder with weights is given, segments every scan on the GPU if
-there is one (else the CPU, bf16 where it has native support), writes ``<name>_seg.nii.gz`` (uint8, the scan's own
-shape and affine) into ``--out`` and prints the left atrium's volume in mL per scan. A scan in any units, orientation
-and spacing is a normal input: the bundle's preprocessing handles it and its postprocessing inverts it.
+Takes NIfTI files, folders of them, and DICOM (a folder holding one series, a study folder holding several series and
+other files, or a ``.zip`` of either; see :mod:`medssl.dicom`). Pulls the released bundle (checksum-verified; from the
+checkout's committed ``releases/`` by default, no network) unless a bundle folder with weights is given, segments
+every scan on the GPU if there is one (else the CPU, bf16 where it has native support) and writes into ``--out``:
+
+- ``<name>_seg.nii.gz``: uint8 label map in the scan's own shape and affine (for a DICOM series: the affine of the
+  series as read from its attributes);
+- ``<name>_seg.dcm``: a DICOM SEG of the source series (DICOM inputs; ``--output_type``);
+- ``<name>_statistics.json``: per label its volume in mL and voxel count, the bundle and version, device,
+  precision, seconds; ``<name>_preview.png`` with ``--preview``;
+- ``summary.json``: every scan of the run, the failed ones with their reason.
+
+Each scan is on its own: one that cannot be read, preprocessed or segmented is reported with its reason and
+skipped, the others are written as usual (``--fail_fast`` stops at the first failure instead). Every file appears
+complete or not at all. A scan in any units, orientation and spacing is a normal input: the bundle's preprocessing
+handles it and its postprocessing inverts it.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import shutil
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import nibabel as nib
 import numpy as np
 from medssl.bundle import cache_dir, default_index, require_weights
-from medssl.data import NIFTI_SUFFIXES, DataError, as_bool, check_headers
+from medssl.data import NIFTI_SUFFIXES, DataError, as_bool, atomic_path, check_headers, data_error_message, write_json
 
-__all__ = ["segment", "collect_scans", "segmentation_volume_ml", "print_table"]
+__all__ = [
+    "Segmenter",
+    "segment",
+    "collect_inputs",
+    "segmentation_volume_ml",
+    "print_table",
+    "error_reason",
+    "ScanInput",
+    "OUTPUT_TYPES",
+]
+
+logger = logging.getLogger(__name__)
+OUTPUT_TYPES = ("nifti", "dicom_seg", "both")
+
+
+@dataclass
+class ScanInput:
+    """One scan to segment: ``source`` as the user named it, ``name`` the stem of its outputs, ``kind`` "nifti" or
+    "dicom", and ``error`` when it is known to be bad before reading it."""
+
+    source: Path
+    name: str
+    kind: str
+    error: Optional[str] = None
 
 
 def _stem(path: Path) -> str:
     name = path.name
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
+    for suffix in (".nii.gz", ".nii", ".zip"):
+        if name.lower().endswith(suffix):
             return name[: -len(suffix)]
-    return path.stem
+    return path.stem if path.is_file() else name
 
 
-def collect_scans(scans: Sequence[os.PathLike | str]) -> List[Path]:
-    """The NIfTI files named by ``scans`` (files, or folders whose ``*.nii``/``*.nii.gz`` are taken, sorted), each
-    checked from its header (readable NIfTI, 3D, sane affine).
+def collect_inputs(scans: Sequence[os.PathLike | str]) -> List[ScanInput]:
+    """The scans named by ``scans``: NIfTI files, folders (their ``*.nii``/``*.nii.gz``, sorted; a folder without
+    NIfTI files that holds DICOM is one DICOM input), ``.zip`` files of DICOM. An input that cannot be a scan (a
+    missing path, a file of another kind, a folder with neither) comes back with its ``error`` set, so the others
+    are still segmented.
 
     Raises:
-        DataError: nothing given, a missing path, a file that is not NIfTI, a folder without NIfTI files, a 2D or
-            4D image, or two scans that would write the same ``<name>_seg.nii.gz``.
+        DataError: nothing given, or two scans that would write the same ``<name>_seg.nii.gz``.
     """
+    from medssl.dicom import is_dicom_source
+
     if not scans:
-        raise DataError("segment: no scans given; pass NIfTI files (.nii/.nii.gz) or folders of them.")
-    files: List[Path] = []
+        raise DataError("segment: no scans given; pass NIfTI files (.nii/.nii.gz), DICOM folders or .zip files.")
+    found: List[ScanInput] = []
     for s in scans:
         p = Path(s).expanduser()
         if p.is_dir():
-            found = sorted(f for f in p.iterdir() if f.is_file() and f.name.endswith(NIFTI_SUFFIXES))
-            if not found:
-                raise DataError(f"{p}: folder holds no NIfTI files (*.nii, *.nii.gz).")
-            files += found
+            nifti = sorted(f for f in p.iterdir() if f.is_file() and f.name.endswith(NIFTI_SUFFIXES))
+            if nifti:
+                found += [ScanInput(f, _stem(f), "nifti") for f in nifti]
+            elif is_dicom_source(p):
+                found.append(ScanInput(p, _stem(p), "dicom"))
+            else:
+                found.append(
+                    ScanInput(p, _stem(p), "nifti", "folder holds no NIfTI files (*.nii, *.nii.gz) and no DICOM.")
+                )
         elif not p.exists():
-            raise DataError(f"{p}: file not found.")
-        elif not p.name.endswith(NIFTI_SUFFIXES):
-            raise DataError(
-                f"{p}: not a NIfTI file (expected .nii or .nii.gz; convert DICOM series first, e.g. dcm2niix)."
-            )
+            found.append(ScanInput(p, _stem(p), "nifti", "file not found."))
+        elif p.name.lower().endswith(".zip"):
+            found.append(ScanInput(p, _stem(p), "dicom"))
+        elif p.name.endswith(NIFTI_SUFFIXES):
+            found.append(ScanInput(p, _stem(p), "nifti"))
         else:
-            files.append(p)
+            found.append(
+                ScanInput(p, _stem(p), "nifti", "not a NIfTI file (.nii, .nii.gz), a DICOM folder or a .zip of DICOM; "
+                          "for a DICOM file pass the folder of its series.")  # fmt: skip
+            )
     seen: Dict[str, Path] = {}
-    for f in files:
-        check_headers(f)
-        key = _stem(f)
-        if key in seen and seen[key].resolve() != f.resolve():
-            raise DataError(f"{f} and {seen[key]} would both be written as {key}_seg.nii.gz; rename one of them.")
-        seen[key] = f
-    return list(dict.fromkeys(files))
+    unique: List[ScanInput] = []
+    for scan in found:
+        if scan.name in seen:
+            if seen[scan.name].resolve() == scan.source.resolve():
+                continue
+            raise DataError(
+                f"{scan.source} and {seen[scan.name]} would both be written as {scan.name}_seg.nii.gz; rename one."
+            )
+        seen[scan.name] = scan.source
+        unique.append(scan)
+    return unique
 
 
 def segmentation_volume_ml(path: os.PathLike | str, label: int = 1) -> float:
@@ -72,6 +125,22 @@ def segmentation_volume_ml(path: os.PathLike | str, label: int = 1) -> float:
     img = nib.load(str(path))
     voxels = int((np.asanyarray(img.dataobj) == label).sum())
     return voxels * abs(float(np.linalg.det(img.affine[:3, :3]))) / 1000.0
+
+
+def error_reason(exc: BaseException) -> str:
+    """The reason a user should read for ``exc``: the project's own error (a :class:`DataError` names the file)
+    wherever MONAI or ignite wrapped it ("applying transform <...>"), else the innermost cause with its type."""
+    message = data_error_message(exc)
+    if message:
+        return message
+    chain, seen = [], set()
+    e: Optional[BaseException] = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    inner = chain[-1]
+    return " ".join(f"{type(inner).__name__}: {inner}".split())
 
 
 def _resolve_bundle(bundle: str, index: Optional[str], bundle_dir: Optional[str]) -> Path:
@@ -85,6 +154,275 @@ def _resolve_bundle(bundle: str, index: Optional[str], bundle_dir: Optional[str]
     return pull(bundle, bundle_dir=str(target), index=index or default_index())
 
 
+def _publish(src: Path, dst: Path) -> Path:
+    """Move ``src`` onto ``dst`` in one step (a copy beside ``dst`` first when they are on different disks)."""
+    try:
+        os.replace(src, dst)
+    except OSError:
+        with atomic_path(dst) as tmp:
+            shutil.copyfile(src, tmp)
+        src.unlink(missing_ok=True)
+    return dst
+
+
+class Segmenter:
+    """A bundle loaded once for many scans (``segment`` and the DICOM node use one).
+
+    Args:
+        bundle: a released bundle's name (pulled into ``bundle_dir``, default ``$MEDSSL_HOME/bundles`` or
+            ``~/.cache/medssl/bundles``, from ``index``, default the checkout's ``bundle_index.json``) or the folder
+            of a bundle that has ``models/model.pt`` (one you trained).
+        device: ``cpu``, ``cuda``, ``cuda:1``...; default: the GPU if there is one.
+        largest_component: keep only the largest connected component of each label (default; ``False`` keeps all).
+        progress: show a progress bar (on a terminal).
+        overrides: other ``inference.json`` ids to set (``sw_overlap``, ``sw_batch_size``, ``amp``...).
+
+    Raises:
+        medssl.release.ReleaseError: the bundle cannot be pulled or fails its checksum.
+        FileNotFoundError: the bundle has no weights.
+    """
+
+    def __init__(
+        self,
+        bundle: str = "la_seg_finetune",
+        index: Optional[str] = None,
+        bundle_dir: Optional[str] = None,
+        device: Optional[str] = None,
+        largest_component: Any = True,
+        progress: bool = True,
+        overrides: Optional[Dict[str, Any]] = None,
+    ) -> None:
+        from monai.bundle import ConfigParser
+
+        self.root = _resolve_bundle(bundle, index, bundle_dir)
+        require_weights(str(self.root / "models" / "model.pt"))
+        meta = json.loads((self.root / "configs" / "metadata.json").read_text())
+        self.name = self.root.name.split("_v")[0]  # a pulled bundle's folder is NAME_vVERSION
+        self.version = str(meta.get("version", "0"))
+        outputs = meta.get("network_data_format", {}).get("post_processed_outputs", {}).get("pred", {})
+        channels = outputs.get("channel_def") or meta["network_data_format"]["outputs"]["pred"]["channel_def"]
+        self.label_names = {int(k): str(v) for k, v in channels.items() if int(k) > 0}
+        self.progress = progress
+        self.workdir = Path(tempfile.mkdtemp(prefix="medssl-segment-"))
+        parser = ConfigParser()
+        parser.read_meta(str(self.root / "configs" / "metadata.json"))
+        parser.read_config(str(self.root / "configs" / "inference.json"))
+        settings = {
+            "bundle_root": str(self.root),
+            "datalist": [],
+            "output_dir": str(self.workdir / "pred"),
+            "largest_component": as_bool(largest_component, "largest_component"),
+            "num_workers": 0,
+            **(overrides or {}),
+        }
+        if device:
+            settings["device"] = f"$torch.device({str(device)!r})"
+        for k, v in settings.items():
+            parser[k] = v
+        parser.get_parsed_content("initialize")
+        self.evaluator = parser.get_parsed_content("evaluator")
+        self.preprocessing = parser.get_parsed_content("preprocessing")
+        self.device = str(parser.get_parsed_content("device"))
+        self.precision = str(parser.get_parsed_content("precision"))
+
+    def close(self) -> None:
+        if getattr(self, "workdir", None) is not None:  # __init__ may have failed before making it
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> "Segmenter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def infer(self, nifti: Path) -> Path:
+        """Run the bundle on one NIfTI file; returns the label map it wrote (in the file's shape and affine)."""
+        from monai.data import DataLoader, Dataset
+
+        loader = DataLoader(Dataset([{"image": str(nifti)}], transform=self.preprocessing), batch_size=1, num_workers=0)
+        self.evaluator.data_loader = loader
+        self.evaluator.set_data(loader)  # a fresh iterator: one left by a failed scan would yield nothing
+        # ignite keeps the run generator that an exception ended, and "resumes" it as an empty run: drop it
+        self.evaluator._internal_run_generator = None
+        self.evaluator.state.epoch_length = len(loader)  # built without scans, the evaluator would run no iteration
+        self.evaluator.run()
+        written = self.workdir / "pred" / f"{_stem(nifti)}_seg.nii.gz"
+        if not written.is_file():
+            raise RuntimeError(f"{nifti}: the bundle wrote no segmentation ({written.name} missing).")
+        return written
+
+    def segment(
+        self,
+        scans: Sequence[os.PathLike | str],
+        out: os.PathLike | str = "segmentations",
+        output_type: Optional[str] = None,
+        series: Optional[str] = None,
+        preview: bool = False,
+        fail_fast: bool = False,
+        announce: Optional[Callable[[str], None]] = None,
+    ) -> List[Dict[str, Any]]:
+        """Segment ``scans`` into ``out``; returns one record per scan (see :meth:`segment_one`), failed ones with
+        ``status`` "failed" and ``error`` (the reason, naming the file), and writes them to ``out/summary.json``.
+
+        Args:
+            output_type: ``nifti``, ``dicom_seg`` or ``both``; default ``both`` for DICOM inputs, ``nifti`` for NIfTI.
+            series: the SeriesInstanceUID to read from a DICOM input holding several series.
+            preview: also write ``<name>_preview.png`` (three orthogonal slices with the contour).
+            fail_fast: stop at the first failing scan (raising its error) instead of going on.
+            announce: where to say which series was chosen from a study (default: the log).
+
+        Raises:
+            DataError: no scans, two scans with one output name, a bad ``output_type``; with ``fail_fast``, the first
+                failure (its reason naming the file).
+        """
+        from tqdm import tqdm
+
+        if output_type is not None and output_type not in OUTPUT_TYPES:
+            raise DataError(f"--output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}.")
+        inputs = collect_inputs(scans)
+        out = Path(out).expanduser()
+        out.mkdir(parents=True, exist_ok=True)
+        results = []
+        bar = tqdm(total=len(inputs), desc="segment", unit="scan", disable=not self.progress or None)
+        try:
+            for scan in inputs:
+                start = time.perf_counter()
+                try:
+                    results.append(self.segment_one(scan, out, output_type, series, preview, announce))
+                except Exception as e:  # one bad scan never costs the others
+                    reason = error_reason(e)
+                    reason = reason if str(scan.source) in reason else f"{scan.source}: {reason}"
+                    logger.error("%s", reason)
+                    if fail_fast:
+                        raise DataError(reason) from e
+                    results.append(
+                        {"scan": str(scan.source), "name": scan.name, "status": "failed", "error": reason,
+                         "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
+                    )
+                bar.update(1)
+        finally:
+            bar.close()
+            if results:
+                write_json({"bundle": self.name, "version": self.version, "scans": results}, out / "summary.json")
+        return results
+
+    def segment_one(
+        self,
+        scan: ScanInput,
+        out: Path,
+        output_type: Optional[str] = None,
+        series: Optional[str] = None,
+        preview: bool = False,
+        announce: Optional[Callable[[str], None]] = None,
+    ) -> Dict[str, Any]:
+        """Segment one input and write its outputs; returns ``{"scan", "name", "status": "ok", "error": None,
+        "segmentation", "dicom_seg", "statistics", "preview", "volume_ml", "labels", "seconds", "series_uid"}``.
+
+        Raises:
+            DataError: the input is bad (the message names the file or series); anything else the bundle raises.
+        """
+        from medssl.dicom import read_series, write_seg
+
+        start = time.perf_counter()
+        if scan.error:
+            raise DataError(f"{scan.source}: {scan.error}")
+        output_type = output_type or ("both" if scan.kind == "dicom" else "nifti")
+        if output_type != "nifti" and scan.kind != "dicom":
+            raise DataError(f"{scan.source}: a DICOM SEG needs a DICOM input (got NIfTI); use --output_type nifti.")
+        work = Path(tempfile.mkdtemp(dir=self.workdir, prefix="scan."))
+        try:
+            volume = None
+            if scan.kind == "dicom":
+                volume = read_series(scan.source, series, announce or logger.info)
+                image = work / f"{scan.name}.nii"
+                nib.save(nib.Nifti1Image(volume.array, volume.affine), str(image))
+            else:
+                image = scan.source
+                check_headers(image)
+            pred = self.infer(image)
+            labels_img = nib.load(str(pred))
+            labels = np.asarray(labels_img.dataobj)
+            labels_img = nib.Nifti1Image(labels, labels_img.affine, labels_img.header)
+            record: Dict[str, Any] = {
+                "scan": str(scan.source), "name": scan.name, "status": "ok", "error": None, "segmentation": None,
+                "dicom_seg": None, "preview": None, "series_uid": volume.series_uid if volume else None,
+            }  # fmt: skip
+            # every output is made in the scan's work folder first and published only when all of them exist
+            made: Dict[str, Path] = {}
+            if volume is not None and output_type in ("dicom_seg", "both"):
+                made["dicom_seg"] = write_seg(
+                    labels, volume, work / f"{scan.name}_seg.dcm", self.name, self.version, self.label_names
+                )
+            if output_type in ("nifti", "both"):
+                made["segmentation"] = pred
+            if preview:
+                made["preview"] = write_preview(image, labels_img, work / f"{scan.name}_preview.png", scan.name)
+            voxel_ml = abs(float(np.linalg.det(labels_img.affine[:3, :3]))) / 1000.0
+            counts = {v: int((labels == v).sum()) for v in self.label_names}
+            record["labels"] = {
+                name: {"value": v, "voxels": counts[v], "volume_ml": round(counts[v] * voxel_ml, 3)}
+                for v, name in self.label_names.items()
+            }
+            record["volume_ml"] = round(record["labels"][self.label_names[min(self.label_names)]]["volume_ml"], 2)
+            targets = {"segmentation": f"{scan.name}_seg.nii.gz", "dicom_seg": f"{scan.name}_seg.dcm",
+                       "preview": f"{scan.name}_preview.png"}  # fmt: skip
+            for key, path in made.items():
+                record[key] = str(out / targets[key])
+            record["seconds"] = round(time.perf_counter() - start, 2)
+            stats = {
+                **{k: record[k] for k in ("scan", "series_uid", "labels", "seconds", "segmentation", "dicom_seg")},
+                "bundle": self.name, "version": self.version, "device": self.device, "precision": self.precision,
+            }  # fmt: skip
+            made["statistics"] = write_json(stats, work / f"{scan.name}_statistics.json")
+            record["statistics"] = str(out / f"{scan.name}_statistics.json")
+            for key, path in made.items():
+                _publish(Path(path), Path(record[key]))
+            return record
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            for left in (self.workdir / "pred").glob("*"):
+                left.unlink(missing_ok=True)
+
+
+def write_preview(image: os.PathLike | str, labels: nib.Nifti1Image, path: os.PathLike | str, title: str = "") -> Path:
+    """A PNG of three orthogonal slices (axial, coronal, sagittal, in RAS display order) through the centre of the
+    labelled region, with its contour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    img = nib.as_closest_canonical(nib.load(str(image)))
+    lab = nib.as_closest_canonical(labels)
+    vol, mask = np.asarray(img.dataobj, np.float32), np.asarray(lab.dataobj) > 0
+    centre = np.round(np.argwhere(mask).mean(0)).astype(int) if mask.any() else np.array(vol.shape) // 2
+    lo, hi = np.percentile(vol, [1, 99.5])
+    views = [
+        ("axial", vol[:, :, centre[2]], mask[:, :, centre[2]]),
+        ("coronal", vol[:, centre[1], :], mask[:, centre[1], :]),
+        ("sagittal", vol[centre[0], :, :], mask[centre[0], :, :]),
+    ]
+    zooms = img.header.get_zooms()[:3]
+    aspects = [zooms[1] / zooms[0], zooms[2] / zooms[0], zooms[2] / zooms[1]]
+    fig, axes = plt.subplots(1, 3, figsize=(11, 4))
+    for ax, (name, sl, m), aspect in zip(axes, views, aspects):
+        ax.imshow(sl.T, cmap="gray", origin="lower", vmin=lo, vmax=hi, aspect=aspect)
+        if m.any():
+            ax.contour(m.T.astype(float), levels=[0.5], colors="red", linewidths=1.0)
+        ax.set_title(name)
+        ax.axis("off")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=80, format="png")
+    plt.close(fig)
+    return path
+
+
 def segment(
     scans: Sequence[os.PathLike | str],
     bundle: str = "la_seg_finetune",
@@ -95,82 +433,36 @@ def segment(
     largest_component: Any = True,
     progress: bool = True,
     overrides: Optional[Dict[str, Any]] = None,
+    output_type: Optional[str] = None,
+    series: Optional[str] = None,
+    preview: bool = False,
+    fail_fast: bool = False,
+    announce: Optional[Callable[[str], None]] = None,
 ) -> List[Dict[str, Any]]:
-    """Segment ``scans`` with a bundle; returns ``[{"scan", "segmentation", "volume_ml", "seconds"}]``.
-
-    Args:
-        scans: NIfTI files and/or folders of them.
-        bundle: a released bundle's name (pulled into ``bundle_dir``, default ``$MEDSSL_HOME/bundles`` or
-            ``~/.cache/medssl/bundles``, from ``index``, default the checkout's ``bundle_index.json``) or the folder
-            of a bundle that has ``models/model.pt`` (one you trained).
-        out: folder for ``<name>_seg.nii.gz``; each file appears complete (written aside, then renamed).
-        device: ``cpu``, ``cuda``, ``cuda:1``...; default: the GPU if there is one.
-        largest_component: keep only the largest connected component of the atrium (default; ``False`` keeps all).
-        progress: show a progress bar (on a terminal).
-        overrides: other ``inference.json`` ids to set (``sw_overlap``, ``sw_batch_size``, ``amp``...).
+    """Segment ``scans`` with a bundle (see :class:`Segmenter` and :meth:`Segmenter.segment`); one record per scan.
 
     Raises:
-        DataError: bad scans (see :func:`collect_scans`).
+        DataError: no scans, or two scans with one output name (checked before the bundle is loaded); with
+            ``fail_fast``, the first failing scan.
         medssl.release.ReleaseError: the bundle cannot be pulled or fails its checksum.
         FileNotFoundError: the bundle has no weights.
     """
-    from ignite.engine import Events
-    from monai.bundle import ConfigParser
-    from tqdm import tqdm
-
-    files = collect_scans(scans)
-    root = _resolve_bundle(bundle, index, bundle_dir)
-    require_weights(str(root / "models" / "model.pt"))
-    out = Path(out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    parser = ConfigParser()
-    parser.read_meta(str(root / "configs" / "metadata.json"))
-    parser.read_config(str(root / "configs" / "inference.json"))
-    with tempfile.TemporaryDirectory(dir=out, prefix=".segment.") as tmp:
-        settings = {
-            "bundle_root": str(root),
-            "datalist": [str(f) for f in files],
-            "output_dir": tmp,
-            "largest_component": as_bool(largest_component, "largest_component"),
-            **(overrides or {}),
-        }
-        if device:
-            settings["device"] = f"$torch.device({str(device)!r})"
-        for k, v in settings.items():
-            parser[k] = v
-        parser.get_parsed_content("initialize")
-        evaluator = parser.get_parsed_content("evaluator")
-        stamps: List[float] = [time.perf_counter()]
-        bar = tqdm(total=len(files), desc="segment", unit="scan", disable=not progress or None)
-        evaluator.add_event_handler(
-            Events.ITERATION_COMPLETED, lambda _: (stamps.append(time.perf_counter()), bar.update(1))
-        )
-        try:
-            evaluator.run()
-        finally:
-            bar.close()
-        results = []
-        for i, f in enumerate(files):
-            written = Path(tmp) / f"{_stem(f)}_seg.nii.gz"
-            if not written.is_file():
-                raise RuntimeError(f"{f}: the bundle wrote no segmentation ({written.name} missing in {tmp}).")
-            target = out / written.name
-            os.replace(written, target)
-            results.append(
-                {
-                    "scan": str(f),
-                    "segmentation": str(target),
-                    "volume_ml": round(segmentation_volume_ml(target), 2),
-                    "seconds": round(stamps[i + 1] - stamps[i], 2) if i + 1 < len(stamps) else None,
-                }
-            )
-    return results
+    collect_inputs(scans)
+    with Segmenter(bundle, index, bundle_dir, device, largest_component, progress, overrides) as segmenter:
+        return segmenter.segment(scans, out, output_type, series, preview, fail_fast, announce)
 
 
 def print_table(results: Sequence[Dict[str, Any]]) -> None:
-    """One line per scan: the segmentation written, the atrium volume in mL, seconds."""
-    width = max([len(Path(r["scan"]).name) for r in results] + [4])
-    print(f"{'scan':<{width}}  {'left atrium (mL)':>16}  {'seconds':>7}  segmentation")
-    for r in results:
-        seconds = "" if r["seconds"] is None else f"{r['seconds']:.1f}"
-        print(f"{Path(r['scan']).name:<{width}}  {r['volume_ml']:>16.1f}  {seconds:>7}  {r['segmentation']}")
+    """One line per segmented scan (the atrium volume in mL, seconds, the files written), then the summary line
+    ``N segmented, M failed`` and one ``error:`` line per failed scan (the last line names a file and its problem)."""
+    ok = [r for r in results if r["status"] == "ok"]
+    failed = [r for r in results if r["status"] != "ok"]
+    if ok:
+        width = max([len(Path(r["scan"]).name) for r in ok] + [4])
+        print(f"{'scan':<{width}}  {'left atrium (mL)':>16}  {'seconds':>7}  written")
+        for r in ok:
+            files = ", ".join(r[k] for k in ("segmentation", "dicom_seg") if r.get(k))
+            print(f"{Path(r['scan']).name:<{width}}  {r['volume_ml']:>16.1f}  {r['seconds']:>7.1f}  {files}")
+    print(f"{len(ok)} segmented, {len(failed)} failed")
+    for r in failed:
+        print(f"error: {r['error']}")
