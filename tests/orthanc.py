@@ -60,6 +60,34 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def stop_process(proc: Optional[subprocess.Popen], timeout: float) -> None:
+    """Terminate ``proc``, then kill it if it has not exited within ``timeout`` seconds (nothing if it is gone)."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
+
+
+def wait_until(predicate, timeout: float, what: str, interval: float = 0.2, log=None) -> Any:
+    """Poll ``predicate()`` until it returns something truthy (returned) or ``timeout`` seconds pass.
+
+    Raises:
+        TimeoutError: the predicate stayed falsy (the message has ``what`` and ``log()``, if given).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no {what} within {timeout:.0f} s" + (f"\n{log()}" if log else ""))
+        time.sleep(interval)
+
+
 class OrthancError(RuntimeError):
     """Orthanc did not start, or a REST call failed (the message has the URL, status and Orthanc's log tail)."""
 
@@ -162,14 +190,7 @@ class Orthanc:
 
     def stop(self, timeout: float = 10.0) -> None:
         """Terminate Orthanc, then kill it if it has not exited within ``timeout`` seconds."""
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=timeout)
+        stop_process(self.proc, timeout)
 
     def __enter__(self) -> "Orthanc":
         return self.start()
@@ -236,16 +257,5 @@ class Orthanc:
         return self.get(f"/studies/{study_id}/series")
 
     def wait_for(self, predicate, timeout: float, interval: float = 0.25, what: str = "condition") -> Any:
-        """Poll ``predicate()`` until it returns something truthy (returned) or ``timeout`` seconds pass.
-
-        Raises:
-            TimeoutError: the predicate stayed falsy (message has ``what`` and Orthanc's log tail).
-        """
-        deadline = time.monotonic() + timeout
-        while True:
-            value = predicate()
-            if value:
-                return value
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"no {what} within {timeout:.0f} s; Orthanc log:\n{self.log_tail(2000)}")
-            time.sleep(interval)
+        """:func:`wait_until` with Orthanc's log tail in the message."""
+        return wait_until(predicate, timeout, what, interval, log=lambda: f"Orthanc log:\n{self.log_tail(2000)}")

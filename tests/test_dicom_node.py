@@ -31,7 +31,7 @@ pynetdicom = pytest.importorskip("pynetdicom")
 hd = pytest.importorskip("highdicom")
 
 from medssl.dicom_node import DicomNode, parse_destination, send_file  # noqa: E402
-from orthanc import Orthanc, free_port  # noqa: E402
+from orthanc import Orthanc, free_port, stop_process, wait_until  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 MR = "1.2.840.10008.5.1.4.1.1.4"
@@ -95,17 +95,6 @@ def renumbered(files, study_uid=None, series_uid=None):
     return out
 
 
-def wait_until(predicate, timeout: float, what: str, interval: float = 0.2, log=None):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"no {what} within {timeout:.0f} s" + (f"\nnode log:\n{log()}" if log else ""))
-        time.sleep(interval)
-
-
 def series_folders(workdir: Path, where: str) -> list:
     root = workdir / where
     if where in ("incoming", "processing"):
@@ -156,14 +145,7 @@ class NodeProcess:
         self.proc.wait(timeout=30)
 
     def stop(self, timeout: float = 60.0) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=timeout)
+        stop_process(self.proc, timeout)
 
     def log(self, chars: int = 6000) -> str:
         try:
