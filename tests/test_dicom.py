@@ -3,6 +3,8 @@ from (checked against SimpleITK/GDCM as a second reader), ``segment`` writes a S
 decodes (highdicom, and by hand with pydicom) to the NIfTI output of the same run; study folders, zips and bad
 series."""
 
+import json
+import os
 import shutil
 import subprocess
 import sys
@@ -89,11 +91,17 @@ def series(la_dir, module_tmp):
 
 @pytest.fixture(scope="module")
 def segmenter(module_tmp):
-    import os
-
-    os.environ.setdefault("MEDSSL_HOME", str(module_tmp("medssl_home")))
-    with Segmenter(progress=False) as s:
-        yield s
+    """The release pulled once into this module's own cache (MEDSSL_HOME, restored after: the CLI test inherits it)."""
+    before = os.environ.get("MEDSSL_HOME")
+    os.environ["MEDSSL_HOME"] = str(module_tmp("medssl_home"))
+    try:
+        with Segmenter(progress=False) as s:
+            yield s
+    finally:
+        if before is None:
+            os.environ.pop("MEDSSL_HOME", None)
+        else:
+            os.environ["MEDSSL_HOME"] = before
 
 
 @pytest.mark.parametrize("geometry", GEOMETRIES)
@@ -269,7 +277,7 @@ def test_segment_cli_on_a_dicom_folder(series, segmenter, tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "medssl", "segment", str(folder), "--out", str(out), "--preview", "true",
          "--output_type", "dicom_seg"],
-        capture_output=True, text=True, timeout=600, env={**__import__("os").environ},
+        capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert sorted(p.name for p in out.iterdir()) == [
@@ -277,8 +285,6 @@ def test_segment_cli_on_a_dicom_folder(series, segmenter, tmp_path):
     ]  # fmt: skip
     assert proc.stdout.strip().splitlines()[-1] == "1 segmented, 0 failed"
     assert "axial_seg.dcm" in proc.stdout
-    import json
-
     stats = json.loads((out / "axial_statistics.json").read_text())
     assert stats["bundle"] == "la_seg_finetune" and stats["version"] == "0.3.0" and stats["device"] == "cpu"
     atrium = stats["labels"]["left atrium"]

@@ -108,13 +108,17 @@ def test_segment_bad_inputs_name_the_file(tmp_path, pulled):
         str(bad / "broken.nii.gz"): "broken.nii.gz",
         str(empty): "folder holds no NIfTI files",
     }
-    for scan, message in cases.items():  # each alone: reported, the run ends with status 1 (some scans failed)
-        proc = subprocess.run([sys.executable, "-m", "medssl", "segment", scan, "--out", str(tmp_path / "o")],
-                              cwd=tmp_path, env=pulled, capture_output=True, text=True, timeout=300)  # fmt: skip
-        lines = proc.stdout.strip().splitlines()
-        assert proc.returncode == 1 and lines[-2] == "0 segmented, 1 failed", (scan, proc.stdout[-2000:])
-        assert lines[-1].startswith("error: ") and message in lines[-1], (scan, proc.stdout[-2000:])
-    assert [e.error is not None for e in collect_inputs([bad / "fourd.nii.gz", empty])] == [False, True]
+    # all at once: each reported on its own error line, the run ends with status 1 (some scans failed) and loads no
+    # model (every input is known bad from its path or header)
+    proc = subprocess.run([sys.executable, "-m", "medssl", "segment", *cases, "--out", str(tmp_path / "o")],
+                          cwd=tmp_path, env=pulled, capture_output=True, text=True, timeout=300)  # fmt: skip
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 1 and lines[-7] == "0 segmented, 6 failed", proc.stdout[-3000:] + proc.stderr[-3000:]
+    for line, (scan, message) in zip(lines[-6:], cases.items()):
+        assert line.startswith(f"error: {scan}") and message in line, (scan, line)
+    assert "Segmenter" not in proc.stderr and "pull" not in proc.stderr.lower()
+    fourd, folder = collect_inputs([bad / "fourd.nii.gz", empty])
+    assert "3D" in fourd.error and "folder holds no NIfTI files" in folder.error
     with pytest.raises(DataError, match="no scans given"):
         collect_inputs([])
     a, b = tmp_path / "x" / "s.nii.gz", tmp_path / "y" / "s.nii.gz"

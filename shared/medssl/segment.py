@@ -96,15 +96,15 @@ def collect_inputs(scans: Sequence[os.PathLike | str]) -> List[ScanInput]:
                     ScanInput(p, _stem(p), "nifti", "folder holds no NIfTI files (*.nii, *.nii.gz) and no DICOM.")
                 )
         elif not p.exists():
-            found.append(ScanInput(p, _stem(p), "nifti", "file not found."))
+            found.append(ScanInput(p, _stem(p), "nifti", f"{p}: file not found."))
         elif p.name.lower().endswith(".zip"):
             found.append(ScanInput(p, _stem(p), "dicom"))
         elif p.name.endswith(NIFTI_SUFFIXES):
             found.append(ScanInput(p, _stem(p), "nifti"))
         else:
             found.append(
-                ScanInput(p, _stem(p), "nifti", "not a NIfTI file (.nii, .nii.gz), a DICOM folder or a .zip of DICOM; "
-                          "for a DICOM file pass the folder of its series.")  # fmt: skip
+                ScanInput(p, _stem(p), "nifti", f"{p}: not a NIfTI file (.nii, .nii.gz), a DICOM folder or a .zip of "
+                          "DICOM; for a DICOM file pass the folder of its series.")  # fmt: skip
             )
     seen: Dict[str, Path] = {}
     unique: List[ScanInput] = []
@@ -116,6 +116,11 @@ def collect_inputs(scans: Sequence[os.PathLike | str]) -> List[ScanInput]:
                 f"{scan.source} and {seen[scan.name]} would both be written as {scan.name}_seg.nii.gz; rename one."
             )
         seen[scan.name] = scan.source
+        if scan.kind == "nifti" and scan.error is None:
+            try:
+                check_headers(scan.source)  # the header alone: a bad file is known before any model is loaded
+            except DataError as e:
+                scan.error = str(e)
         unique.append(scan)
     return unique
 
@@ -278,36 +283,19 @@ class Segmenter:
             DataError: no scans, two scans with one output name, a bad ``output_type``; with ``fail_fast``, the first
                 failure (its reason naming the file).
         """
-        from tqdm import tqdm
-
         if output_type is not None and output_type not in OUTPUT_TYPES:
             raise DataError(f"--output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}.")
         inputs = collect_inputs(scans)
         out = Path(out).expanduser()
         out.mkdir(parents=True, exist_ok=True)
-        results = []
-        bar = tqdm(total=len(inputs), desc="segment", unit="scan", disable=not self.progress or None)
-        try:
-            for scan in inputs:
-                start = time.perf_counter()
-                try:
-                    results.append(self.segment_one(scan, out, output_type, series, preview, announce))
-                except Exception as e:  # one bad scan never costs the others
-                    reason = error_reason(e)
-                    reason = reason if str(scan.source) in reason else f"{scan.source}: {reason}"
-                    logger.error("%s", reason)
-                    if fail_fast:
-                        raise DataError(reason) from e
-                    results.append(
-                        {"scan": str(scan.source), "name": scan.name, "status": "failed", "error": reason,
-                         "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
-                    )
-                bar.update(1)
-        finally:
-            bar.close()
-            if results:
-                write_json({"bundle": self.name, "version": self.version, "scans": results}, out / "summary.json")
-        return results
+        return _each_scan(
+            inputs,
+            out,
+            lambda scan: self.segment_one(scan, out, output_type, series, preview, announce),
+            fail_fast,
+            self.progress,
+            {"bundle": self.name, "version": self.version},
+        )
 
     def segment_one(
         self,
@@ -328,7 +316,7 @@ class Segmenter:
 
         start = time.perf_counter()
         if scan.error:
-            raise DataError(f"{scan.source}: {scan.error}")
+            raise DataError(scan.error)
         output_type = output_type or ("both" if scan.kind == "dicom" else "nifti")
         if output_type != "nifti" and scan.kind != "dicom":
             raise DataError(f"{scan.source}: a DICOM SEG needs a DICOM input (got NIfTI); use --output_type nifti.")
@@ -385,6 +373,47 @@ class Segmenter:
             shutil.rmtree(work, ignore_errors=True)
             for left in (self.workdir / "pred").glob("*"):
                 left.unlink(missing_ok=True)
+
+
+def _each_scan(
+    inputs: Sequence[ScanInput],
+    out: Path,
+    process: Callable[[ScanInput], Dict[str, Any]],
+    fail_fast: bool,
+    progress: bool,
+    about: Dict[str, Any],
+) -> List[Dict[str, Any]]:
+    """``process`` every input on its own: a failure becomes a record with its reason (or, with ``fail_fast``, a
+    :class:`DataError` ending the run); ``out/summary.json`` lists them all, ``about`` the bundle."""
+    from tqdm import tqdm
+
+    results = []
+    bar = tqdm(total=len(inputs), desc="segment", unit="scan", disable=not progress or None)
+    try:
+        for scan in inputs:
+            start = time.perf_counter()
+            try:
+                results.append(process(scan))
+            except Exception as e:  # one bad scan never costs the others
+                reason = error_reason(e)
+                reason = reason if str(scan.source) in reason else f"{scan.source}: {reason}"
+                logger.error("%s", reason)
+                if fail_fast:
+                    raise DataError(reason) from e
+                results.append(
+                    {"scan": str(scan.source), "name": scan.name, "status": "failed", "error": reason,
+                     "seconds": round(time.perf_counter() - start, 2)}  # fmt: skip
+                )
+            bar.update(1)
+    finally:
+        bar.close()
+        if results:
+            write_json({**about, "scans": results}, out / "summary.json")
+    return results
+
+
+def _refuse(scan: ScanInput) -> Dict[str, Any]:
+    raise DataError(scan.error)
 
 
 def write_preview(image: os.PathLike | str, labels: nib.Nifti1Image, path: os.PathLike | str, title: str = "") -> Path:
@@ -447,7 +476,11 @@ def segment(
         medssl.release.ReleaseError: the bundle cannot be pulled or fails its checksum.
         FileNotFoundError: the bundle has no weights.
     """
-    collect_inputs(scans)
+    inputs = collect_inputs(scans)
+    if all(scan.error for scan in inputs):  # nothing to segment: no bundle to pull or load
+        out = Path(out).expanduser()
+        out.mkdir(parents=True, exist_ok=True)
+        return _each_scan(inputs, out, _refuse, fail_fast, progress, {"bundle": bundle})
     with Segmenter(bundle, index, bundle_dir, device, largest_component, progress, overrides) as segmenter:
         return segmenter.segment(scans, out, output_type, series, preview, fail_fast, announce)
 
