@@ -22,13 +22,8 @@ import nibabel as nib
 import numpy as np
 
 from medssl.dicom import nifti_to_series, read_seg, read_series
+from medssl.metrics import dice
 from medssl.segment import Segmenter
-
-
-def dice(a, b) -> float:
-    a, b = np.asarray(a) > 0, np.asarray(b) > 0
-    total = a.sum() + b.sum()
-    return float(2.0 * (a & b).sum() / total) if total else 1.0
 
 
 def cpu_name() -> str:

@@ -17,14 +17,10 @@ import pydicom
 import pytest
 
 from medssl.dicom import LPS_TO_RAS, DicomError, nifti_to_series, read_seg, read_series, write_series
+from medssl.metrics import dice
 from medssl.segment import Segmenter
 
 CASE_ROW = 0  # a training case of the release: these tests check geometry, not accuracy
-
-
-def _dice(a, b):
-    a, b = np.asarray(a) > 0, np.asarray(b) > 0
-    return 2.0 * (a & b).sum() / (a.sum() + b.sum())
 
 
 def _rotation(degrees_x, degrees_y):
@@ -156,11 +152,11 @@ def test_segment_writes_a_seg_on_the_source_grid(series, segmenter, geometry, tm
     pred = np.asarray(nifti_out.dataobj)
     out_ras, ref_ras = nib.as_closest_canonical(nifti_out), nib.as_closest_canonical(nib.load(label))
     np.testing.assert_allclose(out_ras.affine, ref_ras.affine, atol=1e-3)
-    assert _dice(out_ras.dataobj, ref_ras.dataobj) > 0.85
+    assert dice(out_ras.dataobj, ref_ras.dataobj) > 0.85
     vol = read_series(folder)
-    assert _dice(read_seg(r["dicom_seg"], vol), pred) >= 0.999  # highdicom's reading
+    assert dice(read_seg(r["dicom_seg"], vol), pred) >= 0.999  # highdicom's reading
     seg, sources, by_hand = _seg_mask_by_hand(Path(r["dicom_seg"]), vol.files)  # pydicom alone
-    assert _dice(by_hand, pred) >= 0.999
+    assert dice(by_hand, pred) >= 0.999
     # the SEG belongs to the source study, has its own series, references every source instance, codes the segment
     src = sources[0]
     assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4" and seg.SegmentationType == "BINARY"
@@ -210,7 +206,7 @@ def test_study_zip_with_localizer_and_non_image_picks_the_mr_series(series, segm
     assert r["status"] == "ok" and r["series_uid"] == str(first.SeriesInstanceUID)
     assert len(said) == 1 and f"series {first.SeriesInstanceUID}" in said[0] and "chosen" in said[0]
     assert "localizer" in said[0] and "SEG" in said[0]
-    assert _dice(nib.load(r["segmentation"]).dataobj, nib.load(label).dataobj) > 0.85
+    assert dice(nib.load(r["segmentation"]).dataobj, nib.load(label).dataobj) > 0.85
     assert Path(r["dicom_seg"]).name == "study_seg.dcm"
     (bad,) = segmenter.segment([archive], out=tmp_path / "pick", series="1.2.3.4")
     assert (

@@ -23,18 +23,18 @@ import threading
 import time
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
+import pydicom
+import pynetdicom
 import pytest
+from helpers import REPO
+from orthanc import Orthanc, free_port, stop_process, wait_until
 
-pydicom = pytest.importorskip("pydicom")
-pynetdicom = pytest.importorskip("pynetdicom")
-hd = pytest.importorskip("highdicom")
+from medssl.dicom import MR_IMAGE_STORAGE as MR
+from medssl.dicom_node import DicomNode, parse_destination, send_file
+from medssl.metrics import dice
 
-from medssl.dicom_node import DicomNode, parse_destination, send_file  # noqa: E402
-from orthanc import Orthanc, free_port, stop_process, wait_until  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[1]
-MR = "1.2.840.10008.5.1.4.1.1.4"
 CT = "1.2.840.10008.5.1.4.1.1.2"
 SEG = "1.2.840.10008.5.1.4.1.1.66.4"
 NODE_AET = "MEDSSL"
@@ -187,11 +187,6 @@ def seg_on_grid(path: Path, affine: np.ndarray, shape) -> np.ndarray:
         assert (idx >= 0).all() and (idx < np.array(shape)).all(), f"{path}: frame {f} lies outside the source volume"
         out[idx[:, 0], idx[:, 1], idx[:, 2]] = number
     return out
-
-
-def dice(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a > 0, b > 0
-    return 2.0 * (a & b).sum() / max(1, a.sum() + b.sum())
 
 
 # -- fixtures -----------------------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from helpers import REPO, bundle_cmd
 
 from medssl.data import DataError, write_nifti
 from medssl.geometry import write_variant
+from medssl.metrics import dice
 from medssl.segment import collect_inputs, segment, segmentation_volume_ml
 
 CASES = (60, 61)  # 0-based rows of train.list: dev test cases 61 and 62
@@ -23,11 +24,6 @@ CASES = (60, 61)  # 0-based rows of train.list: dev test cases 61 and 62
 def _case(la_dir, row):
     case_id = (la_dir / "train.list").read_text().split()[row]
     return la_dir / "imagesTr" / f"{case_id}.nii.gz", la_dir / "labelsTr" / f"{case_id}.nii.gz"
-
-
-def _dice(a, b):
-    a, b = np.asarray(a) > 0, np.asarray(b) > 0
-    return 2.0 * (a & b).sum() / (a.sum() + b.sum())
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +59,7 @@ def test_segment_cli_scanner_units_and_a_folder(la_dir, tmp_path, pulled):
         assert seg.shape == img.shape and seg.get_data_dtype() == np.uint8
         np.testing.assert_allclose(seg.affine, img.affine, atol=1e-4)
         # the release saw these cases in training (all 80 are its training set): a functional check, not a score
-        assert _dice(seg.dataobj, lab.dataobj) > 0.88, seg_name
+        assert dice(seg.dataobj, lab.dataobj) > 0.88, seg_name
         volume = segmentation_volume_ml(out / seg_name)
         expected = (np.asanyarray(seg.dataobj) == 1).sum() * 0.625**3 / 1000
         assert volume == pytest.approx(expected, rel=1e-4) and 10 < volume < 300
@@ -83,7 +79,7 @@ def test_segment_keeps_every_component_on_request_and_reuses_the_pull(la_dir, tm
     (r,) = results
     assert r["scan"] == str(image) and r["seconds"] > 0
     lab = np.asanyarray(nib.load(label).dataobj)
-    assert _dice(nib.load(r["segmentation"]).dataobj, lab) > 0.88
+    assert dice(nib.load(r["segmentation"]).dataobj, lab) > 0.88
     assert r["status"] == "ok" and r["error"] is None and r["dicom_seg"] is None
     written = sorted(p.name for p in (tmp_path / "a").iterdir())  # no temporary files left
     assert written == sorted([os.path.basename(r["segmentation"]), os.path.basename(r["statistics"]), "summary.json"])

@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 import fire
-from medssl.data import DataError, as_bool
+from medssl.data import DataError, as_bool, data_error_message
 
 __all__ = ["main", "ScansFailed"]
 
@@ -286,8 +286,6 @@ def main(argv=None) -> int:
     except ScansFailed:
         return 1
     except (DataError, FileNotFoundError, FileExistsError, RuntimeError, ValueError) as e:  # ReleaseError too
-        from medssl.segment import error_reason
-
-        print(f"error: {error_reason(e)}", file=sys.stderr)
+        print(f"error: {data_error_message(e) or e}", file=sys.stderr)
         return 2
     return 0

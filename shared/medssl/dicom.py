@@ -74,10 +74,8 @@ class SeriesInfo:
     files: List[Path] = field(default_factory=list)
     modality: str = ""
     description: str = ""
-    number: Optional[int] = None
     sop_classes: set = field(default_factory=set)
     image_types: set = field(default_factory=set)
-    orientations: set = field(default_factory=set)
     frames: int = 0
 
     @property
@@ -106,10 +104,6 @@ class DicomVolume:
     series_uid: str
     description: str
     source: str
-
-    @property
-    def study_uid(self) -> str:
-        return str(self.datasets[0].StudyInstanceUID)
 
 
 # -- finding series --------------------------------------------------------------------------------------------
@@ -162,11 +156,8 @@ def find_series(folder: os.PathLike | str) -> Dict[str, SeriesInfo]:
         info.files.append(f)
         info.modality = str(ds.get("Modality", info.modality))
         info.description = str(ds.get("SeriesDescription", info.description) or "")
-        info.number = ds.get("SeriesNumber", info.number)
         info.sop_classes.add(str(ds.get("SOPClassUID", "")))
         info.image_types.update(str(v).upper() for v in (ds.get("ImageType") or []))
-        if "ImageOrientationPatient" in ds:
-            info.orientations.add(tuple(np.round(np.asarray(ds.ImageOrientationPatient, float), 3)))
         info.frames += int(ds.get("NumberOfFrames", 1) or 1) if "PixelData" in ds or "Rows" in ds else 0
     if not series:
         raise DicomError(f"{folder}: holds no DICOM files (looked for DICOM in every file below it).")

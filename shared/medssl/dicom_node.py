@@ -61,14 +61,14 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
-from medssl.data import DataError, as_bool
+from medssl.data import DataError, as_bool, atomic_path, write_json
+from medssl.dicom import MR_IMAGE_STORAGE
 
 __all__ = ["DicomNode", "SegmenterProcessor", "SendError", "parse_destination", "send_file", "dicom_node"]
 
 log = logging.getLogger("medssl.dicom_node")
 
 VERIFICATION = "1.2.840.10008.1.1"
-MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 ACCEPTED_SOP_CLASSES = {MR_IMAGE_STORAGE: "MR Image Storage"}
 # C-STORE statuses (PS3.4 B.2.3 / PS3.7 C.4.2.1.4)
 SUCCESS = 0x0000
@@ -125,9 +125,8 @@ def _unique(path: Path) -> Path:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def _quick_ack(event) -> None:
@@ -201,24 +200,12 @@ class SegmenterProcessor:
         medssl.release.ReleaseError, FileNotFoundError, DataError: the bundle cannot be pulled or has no weights.
     """
 
-    def __init__(
-        self,
-        bundle: str = "la_seg_finetune",
-        index: Optional[str] = None,
-        bundle_dir: Optional[str] = None,
-        device: Optional[str] = None,
-        largest_component: bool = True,
-    ):
+    def __init__(self, **options: Any):
+        """``options``: :class:`medssl.segment.Segmenter`'s (``bundle``, ``index``, ``bundle_dir``, ``device``,
+        ``largest_component``...)."""
         from medssl.segment import Segmenter
 
-        self.segmenter = Segmenter(
-            bundle=bundle,
-            index=index,
-            bundle_dir=bundle_dir,
-            device=device,
-            largest_component=largest_component,
-            progress=False,
-        )
+        self.segmenter = Segmenter(progress=False, **options)
 
     def __call__(self, series_dir: Path, out_dir: Path) -> Dict[str, Any]:
         """Segment the one series in ``series_dir``; the result dict of :meth:`Segmenter.segment`."""
@@ -639,7 +626,7 @@ class DicomNode:
         if result.get("status") != "ok":
             reason = " ".join(str(result.get("error") or "unknown error").split()) or "unknown error"
             _write_text(job / "reason.txt", reason + "\n")
-            _write_text(job / "result.json", json.dumps(record, indent=2) + "\n")
+            write_json(record, job / "result.json")
             target = _unique(self.dirs["failed"] / series)
             os.replace(job, target)
             log.warning("series %s failed, no SEG: %s (moved to %s)", series, reason, target)
@@ -653,7 +640,7 @@ class DicomNode:
         record["dicom_seg"] = str(rel)
         if self.destination:
             _write_text(job / "unsent.txt", "not sent yet\n")  # a crash while sending leaves this for the restart
-        _write_text(job / "result.json", json.dumps(record, indent=2) + "\n")
+        write_json(record, job / "result.json")
         target = _unique(self.dirs["done"] / series)
         os.replace(job, target)
         self._tidy(job.parent)

@@ -20,7 +20,6 @@ handles it and its postprocessing inverts it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -93,7 +92,7 @@ def collect_inputs(scans: Sequence[os.PathLike | str]) -> List[ScanInput]:
                 found.append(ScanInput(p, _stem(p), "dicom"))
             else:
                 found.append(
-                    ScanInput(p, _stem(p), "nifti", "folder holds no NIfTI files (*.nii, *.nii.gz) and no DICOM.")
+                    ScanInput(p, _stem(p), "nifti", f"{p}: folder holds no NIfTI files (*.nii, *.nii.gz) and no DICOM.")
                 )
         elif not p.exists():
             found.append(ScanInput(p, _stem(p), "nifti", f"{p}: file not found."))
@@ -201,7 +200,10 @@ class Segmenter:
 
         self.root = _resolve_bundle(bundle, index, bundle_dir)
         require_weights(str(self.root / "models" / "model.pt"))
-        meta = json.loads((self.root / "configs" / "metadata.json").read_text())
+        parser = ConfigParser()
+        parser.read_meta(str(self.root / "configs" / "metadata.json"))
+        parser.read_config(str(self.root / "configs" / "inference.json"))
+        meta = parser.get("_meta_")
         self.name = self.root.name.split("_v")[0]  # a pulled bundle's folder is NAME_vVERSION
         self.version = str(meta.get("version", "0"))
         outputs = meta.get("network_data_format", {}).get("post_processed_outputs", {}).get("pred", {})
@@ -209,9 +211,6 @@ class Segmenter:
         self.label_names = {int(k): str(v) for k, v in channels.items() if int(k) > 0}
         self.progress = progress
         self.workdir = Path(tempfile.mkdtemp(prefix="medssl-segment-"))
-        parser = ConfigParser()
-        parser.read_meta(str(self.root / "configs" / "metadata.json"))
-        parser.read_config(str(self.root / "configs" / "inference.json"))
         settings = {
             "bundle_root": str(self.root),
             "datalist": [],
@@ -283,9 +282,20 @@ class Segmenter:
             DataError: no scans, two scans with one output name, a bad ``output_type``; with ``fail_fast``, the first
                 failure (its reason naming the file).
         """
-        if output_type is not None and output_type not in OUTPUT_TYPES:
-            raise DataError(f"--output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}.")
-        inputs = collect_inputs(scans)
+        return self.segment_inputs(collect_inputs(scans), out, output_type, series, preview, fail_fast, announce)
+
+    def segment_inputs(
+        self,
+        inputs: Sequence[ScanInput],
+        out: os.PathLike | str,
+        output_type: Optional[str] = None,
+        series: Optional[str] = None,
+        preview: bool = False,
+        fail_fast: bool = False,
+        announce: Optional[Callable[[str], None]] = None,
+    ) -> List[Dict[str, Any]]:
+        """:meth:`segment` on inputs already gathered by :func:`collect_inputs` (their headers checked there)."""
+        _check_output_type(output_type)
         out = Path(out).expanduser()
         out.mkdir(parents=True, exist_ok=True)
         return _each_scan(
@@ -328,8 +338,7 @@ class Segmenter:
                 image = work / f"{scan.name}.nii"
                 nib.save(nib.Nifti1Image(volume.array, volume.affine), str(image))
             else:
-                image = scan.source
-                check_headers(image)
+                image = scan.source  # its header was checked by collect_inputs
             pred = self.infer(image)
             labels_img = nib.load(str(pred))
             labels = np.asarray(labels_img.dataobj)
@@ -373,6 +382,11 @@ class Segmenter:
             shutil.rmtree(work, ignore_errors=True)
             for left in (self.workdir / "pred").glob("*"):
                 left.unlink(missing_ok=True)
+
+
+def _check_output_type(output_type: Optional[str]) -> None:
+    if output_type is not None and output_type not in OUTPUT_TYPES:
+        raise DataError(f"--output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}.")
 
 
 def _each_scan(
@@ -476,13 +490,14 @@ def segment(
         medssl.release.ReleaseError: the bundle cannot be pulled or fails its checksum.
         FileNotFoundError: the bundle has no weights.
     """
+    _check_output_type(output_type)
     inputs = collect_inputs(scans)
     if all(scan.error for scan in inputs):  # nothing to segment: no bundle to pull or load
         out = Path(out).expanduser()
         out.mkdir(parents=True, exist_ok=True)
         return _each_scan(inputs, out, _refuse, fail_fast, progress, {"bundle": bundle})
     with Segmenter(bundle, index, bundle_dir, device, largest_component, progress, overrides) as segmenter:
-        return segmenter.segment(scans, out, output_type, series, preview, fail_fast, announce)
+        return segmenter.segment_inputs(inputs, out, output_type, series, preview, fail_fast, announce)
 
 
 def print_table(results: Sequence[Dict[str, Any]]) -> None:
