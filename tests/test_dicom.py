@@ -205,13 +205,14 @@ def test_study_zip_with_localizer_and_non_image_picks_the_mr_series(series, segm
     (r,) = segmenter.segment([archive], out=tmp_path / "out", announce=said.append)
     assert r["status"] == "ok" and r["series_uid"] == str(first.SeriesInstanceUID)
     assert len(said) == 1 and f"series {first.SeriesInstanceUID}" in said[0] and "chosen" in said[0]
+    assert said[0].startswith(f"{archive}: ")  # named by the zip, not by the folder it was extracted to
     assert "localizer" in said[0] and "SEG" in said[0]
     assert dice(nib.load(r["segmentation"]).dataobj, nib.load(label).dataobj) > 0.85
     assert Path(r["dicom_seg"]).name == "study_seg.dcm"
     (bad,) = segmenter.segment([archive], out=tmp_path / "pick", series="1.2.3.4")
     assert (
         bad["status"] == "failed"
-        and "no series 1.2.3.4" in bad["error"]
+        and bad["error"].startswith(f"{archive}: no series 1.2.3.4")
         and str(first.SeriesInstanceUID) in bad["error"]
     )
 

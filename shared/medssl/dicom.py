@@ -232,7 +232,14 @@ def read_series(
     source = Path(source)
     if source.is_file() and source.suffix.lower() == ".zip":
         with _Unzipped(source) as folder:
-            vol = read_series(folder, series_uid, announce, dtype)
+            # what is said about the extracted files names them inside the zip, not in the temporary folder
+            def inside(text: str) -> str:
+                return text.replace(str(folder), str(source))
+
+            try:
+                vol = read_series(folder, series_uid, announce and (lambda text: announce(inside(text))), dtype)
+            except DicomError as e:
+                raise DicomError(inside(str(e))) from e
         vol.source = str(source)
         vol.files = [source / f.relative_to(folder) for f in vol.files]
         return vol
