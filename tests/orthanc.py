@@ -131,13 +131,16 @@ class Orthanc:
             "HttpPort": self.http_port,
             "DicomPort": self.dicom_port,
             "DicomAet": self.aet,
-            # loopback only and no users: the server lives for one test module and answers nobody else
+            # loopback only and no users: the server lives for one test module and answers nobody else. Orthanc
+            # 1.10 (Debian) cannot bind its ports to 127.0.0.1, so HTTP refuses remote clients and DICOM accepts
+            # only the registered modalities, each checked to call from its registered host (127.0.0.1)
             "RemoteAccessAllowed": False,
             "AuthenticationEnabled": False,
             "HttpDescribeErrors": True,
             "DicomCheckCalledAet": False,
-            "DicomAlwaysAllowStore": True,
-            "DicomAlwaysAllowEcho": True,
+            "DicomAlwaysAllowStore": False,
+            "DicomAlwaysAllowEcho": False,
+            "DicomCheckModalityHost": True,
             "DicomModalities": {name: [aet, host, port] for name, (aet, host, port) in self.modalities.items()},
             # tests add the node under test with PUT /modalities/<name> once they know its port
             "DicomModalitiesInDatabase": False,

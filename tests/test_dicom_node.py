@@ -571,3 +571,19 @@ def test_sigkill_mid_series_then_restart(pacs, uploaded, module_tmp):
         assert not series_folders(proc.workdir, "incoming")
     finally:
         proc.stop()
+
+
+def test_orthanc_answers_only_its_registered_modalities(pacs):
+    """Orthanc 1.10 binds every interface; its DICOM port must still refuse a caller it does not know."""
+    stranger = pynetdicom.AE(ae_title="STRANGER")
+    stranger.add_requested_context("1.2.840.10008.1.1")
+    assoc = stranger.associate("127.0.0.1", pacs.dicom_port, ae_title=pacs.aet)
+    assert assoc.is_rejected and not assoc.is_established
+    pacs.add_modality("friend", "FRIEND", free_port())
+    friend = pynetdicom.AE(ae_title="FRIEND")
+    friend.add_requested_context("1.2.840.10008.1.1")
+    assoc = friend.associate("127.0.0.1", pacs.dicom_port, ae_title=pacs.aet)
+    try:
+        assert assoc.is_established and assoc.send_c_echo().Status == 0x0000
+    finally:
+        assoc.release()
