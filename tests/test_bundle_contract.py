@@ -142,14 +142,15 @@ def test_bundle_layout(name):
     ]:
         assert key in train, f"{name}/train.json lacks the common key {key!r}"
     readme = (root / "docs" / "README.md").read_text()
-    for section in [
-        "## Description",
+    for section in [  # the sections of model-zoo's bundle READMEs (order: tests/test_zoo_conventions.py)
+        "# Model Overview",
         "## Data",
-        "## Training",
+        "## Training configuration",
         "## Performance",
-        "## Usage",
+        "## MONAI Bundle Commands",
         "## Limitations",
-        "## References",
+        "# References",
+        "# License",
     ]:
         assert section in readme, f"{name}/docs/README.md lacks {section}"
 

@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -147,3 +148,47 @@ def test_readme_pull_command_uses_the_committed_index(tmp_path):
     key = next(k for k in RELEASES if k.startswith("la_seg_finetune"))
     folder = tmp_path / "bundles_pulled" / key
     assert proc.stdout.strip().endswith(key) and (folder / "models" / "model.ts").is_file()
+
+
+def _large_files(path):
+    import yaml
+
+    return {e["path"]: e for e in yaml.safe_load(path.read_text())["large_files"]}
+
+
+@pytest.mark.parametrize("bundle", sorted(p.name for p in (REPO / "bundles").iterdir() if p.is_dir()))
+def test_bundle_large_files_match_the_index(bundle):
+    """Every bundle has model-zoo's large_files.yml: a released one lists models/model.pt (the zip's member, byte for
+    byte, with the sha256 the index records for its newest release) and models/model.ts (made at pull time, no
+    hash); an unreleased one none."""
+    listed = _large_files(REPO / "bundles" / bundle / "large_files.yml")
+    keys = [k for k in RELEASES if _name(k) == bundle]
+    if not keys:
+        assert listed == {}, f"{bundle} has no release but its large_files.yml lists {sorted(listed)}"
+        return
+    key = max(keys, key=lambda k: [int(p) for p in k.rsplit("_v", 1)[1].split(".")])
+    files = INDEX[key]["files"]
+    assert set(listed) == {"models/model.pt", "models/model.ts"} and set(files) == {"models/model.pt"}
+    pt = listed["models/model.pt"]
+    assert pt["hash_type"] == "sha256" and pt["hash_val"] == files["models/model.pt"]["sha256"]
+    assert pt["url"] == files["models/model.pt"]["url"] and pt["url"].endswith(f"/{key}/model.pt")
+    # model.ts is made at pull time: TorchScript bytes are not reproducible, so no hash is promised
+    assert listed["models/model.ts"]["hash_val"] == "" and listed["models/model.ts"]["url"].endswith(f"/{key}/model.ts")
+    with zipfile.ZipFile(REPO / INDEX[key]["source"]) as zf:
+        member = zf.read(f"{bundle}/models/model.pt")
+        assert hashlib.sha256(member).hexdigest() == files["models/model.pt"]["sha256"]
+        # the zip carries the same large_files.yml as the source bundle
+        assert zf.read(f"{bundle}/large_files.yml") == (REPO / "bundles" / bundle / "large_files.yml").read_bytes()
+
+
+def test_committed_release_files_are_never_rewritten():
+    """A release zip, once committed, is never modified: a new version is a new file (and the old one deleted)."""
+    if not (REPO / ".git").exists():
+        pytest.skip(f"{REPO} is not a git checkout: no history to check")
+    committed = sorted(Path(INDEX[k]["source"]).name for k in RELEASES)
+    assert sorted(p.name for p in (REPO / "releases").glob("*.zip")) == committed  # no stray release files
+    for name in committed:
+        log = subprocess.run(["git", "log", "--format=%h %s", "--diff-filter=M", "--", f"releases/{name}"],
+                             cwd=REPO, capture_output=True, text=True)  # fmt: skip
+        assert log.returncode == 0, log.stderr
+        assert log.stdout.strip() == "", f"releases/{name} was rewritten after it was committed:\n{log.stdout}"

@@ -133,3 +133,24 @@ def test_encoder_names_are_the_vnets():
     assert all(k.startswith(("encoder.", "spark_")) for k in net)
     with pytest.raises(ValueError, match="norm"):
         SparKNet(norm="instance")
+
+
+def test_torchscript_equals_eager():
+    """``torch.jit.script`` compiles SparKNet (the bundle's model.ts, the zoo verifier's export) and gives the eager
+    numbers exactly: the reconstruction in evaluation, the prediction and BatchNorm update over visible voxels in
+    training. (TorchScript's isinstance does not recognise a module type's variants, e.g. a BatchNorm3d of another
+    width, so a scripted sparse stage that told its layers apart that way would silently skip masks.)"""
+    torch.manual_seed(0)
+    net = SparKNet().eval()
+    scripted = torch.jit.script(net)
+    x = torch.randn(2, 1, 32, 32, 48, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), net(x), rtol=0, atol=0)
+    visible = draw_mask(2, [2, 2, 3], 0.6, generator=torch.Generator().manual_seed(2))
+    eager, compiled = SparKNet().train(), torch.jit.script(SparKNet().train())
+    eager.load_state_dict(net.state_dict())
+    compiled.load_state_dict(net.state_dict())
+    torch.testing.assert_close(compiled.masked_forward(x, visible), eager.masked_forward(x, visible), rtol=0, atol=0)
+    stats = "encoder.1.down.1.running_var"  # moved towards the visible voxels' variance, the same way
+    assert not torch.equal(eager.state_dict()[stats], net.state_dict()[stats])
+    torch.testing.assert_close(compiled.state_dict()[stats], eager.state_dict()[stats], rtol=0, atol=0)

@@ -5,11 +5,11 @@ Bundle configs reach the package as ``medssl.<module>.<name>`` after ``"$import 
 
 import warnings
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 # With pydicom installed, MONAI's LoadImage builds its GPU DICOM reader on every call and warns that nvImageCodec (a
 # CUDA package) is absent; the bundles read NIfTI and medssl.dicom reads DICOM, so the warning only adds noise.
 warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin", category=UserWarning)
 
 # bundle configs use these
-from medssl import bundle, data, handlers, metrics, networks, precision, runtime, transforms  # noqa: E402,F401
+from medssl import bundle, data, export, handlers, metrics, networks, precision, runtime, transforms  # noqa: E402,F401

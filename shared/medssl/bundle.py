@@ -13,10 +13,18 @@ BUNDLE_NAMES = ("la_seg_finetune", "cvrl_semisup", "simcvd_distill", "pcrl_pretr
 REPO_ROOT = Path(__file__).resolve().parents[2]  # shared/medssl/bundle.py -> the checkout
 
 
+# where an installed medssl (no checkout) finds the released bundles unless told otherwise
+PUBLISHED_INDEX = "https://github.com/medssl/medssl/releases/latest/download/bundle_index.json"
+
+
 def default_index() -> str:
     """The bundle index to pull from: ``$MEDSSL_INDEX`` (a path or URL), else the checkout's ``bundle_index.json``
-    (its release zips are committed under ``releases/``: pulling needs no network)."""
-    return os.environ.get("MEDSSL_INDEX") or str(REPO_ROOT / "bundle_index.json")
+    (its release zips are committed under ``releases/``: pulling needs no network), else, for medssl installed from
+    a wheel, the published index :data:`PUBLISHED_INDEX`."""
+    if os.environ.get("MEDSSL_INDEX"):
+        return os.environ["MEDSSL_INDEX"]
+    local = REPO_ROOT / "bundle_index.json"
+    return str(local) if local.is_file() else PUBLISHED_INDEX
 
 
 def cache_dir() -> Path:

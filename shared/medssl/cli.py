@@ -112,10 +112,12 @@ def package(
     base_url: str = "https://github.com/medssl/medssl/releases/download",
     half: bool = False,
     torchscript: bool = True,
+    record_in_bundle: bool = False,
 ) -> str:
     """Build dist/NAME_vVERSION.zip (deterministic bytes; with --weights: models/model.pt and model.ts) and record
     it in bundle_index.json (sha1 + sha256 + source URL; --base_url "" records a path relative to the index);
-    --half true stores the weights in float16, --torchscript false leaves model.ts to be exported at pull time."""
+    --half true stores the weights in float16, --torchscript false leaves model.ts to be exported at pull time;
+    --record_in_bundle true writes the bundle's large_files.yml (weights' URLs and sha256) into its source folder."""
     from medssl.release import package as _package
 
     return str(
@@ -127,6 +129,7 @@ def package(
             base_url=base_url,
             half=as_bool(half, "half"),
             torchscript=as_bool(torchscript, "torchscript"),
+            record_in_bundle=as_bool(record_in_bundle, "record_in_bundle"),
         )
     )
 
@@ -135,7 +138,8 @@ def pull(
     name: str, bundle_dir: str = "bundles_pulled", version: str = None, index: str = None, torchscript: bool = True
 ) -> str:
     """Download NAME from the index (path or URL; default the checkout's bundle_index.json, or $MEDSSL_INDEX),
-    verify its sha256, extract safely to bundle_dir/NAME_vVERSION (exporting models/model.ts if the zip has none)."""
+    verify its sha256, extract safely to bundle_dir/NAME_vVERSION, and make models/model.ts and models/model.pt2 from
+    models/model.pt (recorded in models/exports.json; --torchscript false skips them)."""
     from medssl.bundle import default_index
     from medssl.release import pull as _pull
 
@@ -162,12 +166,16 @@ def segment(
     series: str = None,
     preview: bool = False,
     fail_fast: bool = False,
+    runtime: str = "torch",
+    model_format: str = "pt",
 ) -> None:
     """Segment scans: NIfTI files or folders of them, DICOM series folders, study folders or .zip files (--series UID
     picks a series) with a released bundle (pulled and verified if needed; or a bundle folder with weights). Writes
     OUT/<name>_seg.nii.gz in each scan's own geometry, OUT/<name>_seg.dcm (DICOM SEG; --output_type
     nifti|dicom_seg|both, default both for DICOM), <name>_statistics.json, --preview true: <name>_preview.png; prints
-    the volume in mL. A scan that fails is reported and skipped (exit status 1); --fail_fast true stops at it."""
+    the volume in mL. A scan that fails is reported and skipped (exit status 1); --fail_fast true stops at it.
+    --runtime torch|openvino|openvino-int8 picks the inference engine, --model_format pt|ts|pt2 what PyTorch runs (the
+    eager network, models/model.ts or models/model.pt2; exports are made on first use and rebuilt when stale)."""
     from medssl.segment import print_table
     from medssl.segment import segment as _segment
 
@@ -184,6 +192,8 @@ def segment(
         preview=as_bool(preview, "preview"),
         fail_fast=as_bool(fail_fast, "fail_fast"),
         announce=print,
+        runtime=str(runtime),
+        model_format=str(model_format),
     )
     print_table(results)
     failed = sum(r["status"] != "ok" for r in results)
@@ -239,15 +249,37 @@ def speed(
     modes: str = "fp32,amp",
     repeats: int = 1,
     bundles: str = "la_seg_finetune,cvrl_semisup,simcvd_distill,pcrl_pretrain",
+    runtimes: str = None,
+    bundle: str = "la_seg_finetune",
+    index: str = None,
 ) -> None:
     """Seconds per training iteration of each bundle in each precision mode (fp32, amp; also fp32_contiguous) side
     by side, vs the bare VNet, loader throughput, sliding-window inference seconds per volume (paper stride vs
-    overlap 0.5) and the modes' label agreement, peak memory; writes speed.json and speed.md under ``out``."""
+    overlap 0.5) and the modes' label agreement, peak memory; writes speed.json and speed.md under ``out``.
+    --runtimes torch,torch-fp32,ts,pt2,openvino,openvino-int8 instead compares the inference runtimes of --bundle (a
+    released name, pulled, or a bundle folder) on the first --num_volumes native scans of the dataset's test list,
+    each alone in its own process: seconds per scan, peak memory, Dice, agreement (runtimes.json, runtimes.md)."""
+    from medssl.speed import runtime_seconds
     from medssl.speed import speed as _speed
 
     def names(value):
         return [m.strip() for m in (value.split(",") if isinstance(value, str) else value) if m.strip()]
 
+    if runtimes:
+        from medssl.data import load_datalist
+        from medssl.segment import _resolve_bundle
+
+        cases = (load_datalist(dataset_dir).get("test") or [])[: int(num_volumes)]
+        if not cases:
+            raise DataError(f"{Path(dataset_dir) / 'dataset.json'}: no 'test' list to time the runtimes on.")
+        runtime_seconds(
+            [c["image"] for c in cases],
+            str(_resolve_bundle(bundle, index, None)),
+            names(runtimes),
+            labels=[c.get("label") for c in cases],
+            out=out,
+        )
+        return
     overrides = {"patch_size": [int(x) for x in str(patch_size).strip("()[]").split(",")]} if patch_size else {}
     _speed(
         dataset_dir,

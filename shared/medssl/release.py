@@ -1,7 +1,8 @@
 """Releasing and pulling bundles: deterministic zips, a checksummed index, verified and safe extraction.
 
 ``python -m medssl package --bundle NAME [--weights PATH] --out dist/`` builds ``NAME_vVERSION.zip`` (top folder
-``NAME/``; configs, docs, LICENSE, and with weights ``models/model.pt`` plus its TorchScript ``models/model.ts``)
+``NAME/``; configs, docs, LICENSE, and with weights ``models/model.pt``, its TorchScript ``models/model.ts`` and
+``large_files.yml`` listing them, ``model.pt`` with its sha256)
 with deterministic bytes (sorted entries, fixed timestamps and permissions), and records it in ``bundle_index.json``
 in the shape of MONAI model-zoo's ``model_info.json`` (``{"NAME_vVERSION": {"checksum": sha1, "source": url}}``)
 plus ``sha256``. A version already in the index with other bytes is refused: a release never changes under a name.
@@ -62,18 +63,18 @@ def _bundle_files(root: Path) -> Dict[str, Path]:
     return files
 
 
-def _export_torchscript(root: Path, weights: Path, target: Path) -> None:
-    """``monai.bundle ckpt_export`` of the bundle's ``network_def`` (inference.json) with ``weights``."""
-    from monai.bundle import ckpt_export
+def _torchscript_of(root: Path, weights: Path, tmp: Path) -> Path:
+    """``models/model.ts`` of bundle ``root`` with ``weights``, made in a scratch copy of its configs under ``tmp``."""
+    from medssl.export import ExportError, ensure
 
-    ckpt_export(
-        net_id="network_def",
-        filepath=str(target),
-        ckpt_file=str(weights),
-        meta_file=str(root / "configs" / "metadata.json"),
-        config_file=str(root / "configs" / "inference.json"),
-        bundle_root=str(root),
-    )
+    scratch = tmp / "bundle"
+    shutil.copytree(root / "configs", scratch / "configs")
+    (scratch / "models").mkdir()
+    shutil.copyfile(weights, scratch / "models" / "model.pt")
+    try:
+        return ensure(scratch, "ts")
+    except ExportError as e:
+        raise ReleaseError(str(e)) from e
 
 
 def package(
@@ -85,6 +86,7 @@ def package(
     bundles_dir: Optional[str] = None,
     half: bool = False,
     torchscript: bool = True,
+    record_in_bundle: bool = False,
 ) -> Path:
     """Build ``out/NAME_vVERSION.zip`` and record it in the index (``out/bundle_index.json`` by default).
 
@@ -98,6 +100,8 @@ def package(
             or offline mirror, or zips committed beside the index).
         half: store floating-point weights as float16 (half the bytes; they load into the float32 network).
         torchscript: include ``models/model.ts``; without it :func:`pull` exports it after extracting.
+        record_in_bundle: also write the bundle's own ``large_files.yml`` (its weights' URLs and sha256) into the
+            source bundle folder, as a release does; the zip always holds it.
 
     Raises:
         ReleaseError: the version is already in the index with other bytes, or the weights do not load.
@@ -125,9 +129,14 @@ def package(
             torch.save(half_state(state) if half else state, model_pt)
             files["models/model.pt"] = model_pt
             if torchscript:
-                model_ts = Path(tmp) / "model.ts"
-                _export_torchscript(root, model_pt, model_ts)
-                files["models/model.ts"] = model_ts
+                files["models/model.ts"] = _torchscript_of(root, model_pt, Path(tmp))
+            asset_base = f"{(base_url or DEFAULT_BASE_URL).rstrip('/')}/{key}"
+            weights_files = {
+                "models/model.pt": {"sha256": _hashes(model_pt)["sha256"], "url": f"{asset_base}/model.pt"},
+            }
+            large_files = Path(tmp) / "large_files.yml"
+            _write_bundle_large_files(weights_files, key, large_files)
+            files["large_files.yml"] = large_files
         with atomic_path(zip_path) as tmp_zip:
             with zipfile.ZipFile(tmp_zip, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
                 for rel in sorted(files):
@@ -152,9 +161,38 @@ def package(
             else Path(os.path.relpath(zip_path.resolve(), index_path.resolve().parent)).as_posix()
         ),
     }
+    if weights:
+        entries[key]["files"] = weights_files
+        if record_in_bundle:  # the source bundle lists its released weights too (the release step does this)
+            _write_bundle_large_files(weights_files, key, root / "large_files.yml")
     write_json(dict(sorted(entries.items())), index_path)
     write_large_files(index_path, out_dir / "large_files.yml")
     return zip_path
+
+
+def _write_bundle_large_files(weights_files: Dict[str, Dict[str, str]], key: str, target: Path) -> Path:
+    """A bundle's own ``large_files.yml`` in model-zoo's form: its released ``models/model.pt`` with its URL (an asset
+    of release ``key``) and sha256 (as recorded under ``files`` in the bundle index), and ``models/model.ts`` without a
+    hash: it is made from ``model.pt`` where the bundle is pulled, and TorchScript files are not byte-reproducible
+    (each save writes a random serialization id, and attribute order follows Python's string hashing)."""
+    lines = [
+        f"# Weights of release {key} (its zip is listed in bundle_index.json; `python -m medssl pull` fetches and",
+        "# verifies it, then makes models/model.ts and models/model.pt2 from models/model.pt: see models/exports.json).",
+        "large_files:",
+    ]
+    for rel, entry in sorted(weights_files.items()):
+        lines += [f'  - path: "{rel}"', f'    url: "{entry["url"]}"', f'    hash_val: "{entry["sha256"]}"',
+                  '    hash_type: "sha256"']  # fmt: skip
+    lines += [
+        "  # made from models/model.pt at pull time (TorchScript bytes differ from save to save: no fixed hash)",
+        '  - path: "models/model.ts"',
+        f'    url: "{weights_files["models/model.pt"]["url"].rsplit("/", 1)[0]}/model.ts"',
+        '    hash_val: ""',
+        '    hash_type: ""',
+    ]
+    with atomic_path(target) as tmp:
+        Path(tmp).write_text("\n".join(lines) + "\n")
+    return target
 
 
 def write_large_files(index: os.PathLike | str, target: os.PathLike | str) -> Path:
@@ -187,7 +225,10 @@ def read_index(index: str) -> Dict[str, Dict[str, Any]]:
             raw = Path(index).read_bytes()
         entries = json.loads(raw)
     except Exception as e:
-        raise ReleaseError(f"{index}: cannot read the bundle index ({type(e).__name__}: {e}).") from e
+        raise ReleaseError(
+            f"{index}: cannot read the bundle index ({type(e).__name__}: {e}). Pass --index PATH_OR_URL (or set "
+            "MEDSSL_INDEX) to a bundle_index.json you can reach, e.g. a local mirror's."
+        ) from e
     if not isinstance(entries, dict) or not all(isinstance(v, dict) and "source" in v for v in entries.values()):
         raise ReleaseError(f"{index}: expected {{'NAME_vVERSION': {{'checksum', 'sha256', 'source'}}, ...}}.")
     return entries
@@ -227,8 +268,9 @@ def pull(
     name: str, bundle_dir: str, version: Optional[str] = None, index: str = INDEX_NAME, torchscript: bool = True
 ) -> Path:
     """Download, verify and extract bundle ``name`` into ``bundle_dir/NAME_vVERSION`` (see the module docstring).
-    A release with ``models/model.pt`` but no ``models/model.ts`` (left out to keep the zip small) gets its
-    TorchScript exported here, before the folder is put in place (``torchscript=False`` skips that).
+    A release with ``models/model.pt`` gets ``models/model.ts`` and ``models/model.pt2`` made here from it (see
+    :mod:`medssl.export`; recorded in ``models/exports.json``), before the folder is put in place
+    (``torchscript=False`` skips that; they are then made on first use).
 
     Returns the bundle folder (already there and verified: returned as is).
 
@@ -278,12 +320,14 @@ def pull(
                 zf.extractall(extract)
         except zipfile.BadZipFile as e:
             raise ReleaseError(f"{source}: not a zip file ({e}).") from e
-        models = extract / name / "models"
-        if torchscript and (models / "model.pt").is_file() and not (models / "model.ts").is_file():
-            try:
-                _export_torchscript(extract / name, models / "model.pt", models / "model.ts")
-            except Exception as e:
-                raise ReleaseError(f"{source}: TorchScript export of models/model.pt failed ({e}).") from e
+        if torchscript and (extract / name / "models" / "model.pt").is_file():
+            from medssl.export import ExportError, ensure
+
+            for kind in ("ts", "pt2"):
+                try:
+                    ensure(extract / name, kind)
+                except ExportError as e:
+                    raise ReleaseError(f"{source}: {e}") from e
         write_json({"name": name, "version": version, "source": source, **digest}, extract / name / marker.name)
         os.replace(extract / name, target)
     return target

@@ -33,6 +33,7 @@ import nibabel as nib
 import numpy as np
 from medssl.bundle import cache_dir, default_index, require_weights
 from medssl.data import NIFTI_SUFFIXES, DataError, as_bool, atomic_path, check_headers, data_error_message, write_json
+from medssl.export import check_runtime
 
 __all__ = [
     "Segmenter",
@@ -180,6 +181,9 @@ class Segmenter:
         largest_component: keep only the largest connected component of each label (default; ``False`` keeps all).
         progress: show a progress bar (on a terminal).
         overrides: other ``inference.json`` ids to set (``sw_overlap``, ``sw_batch_size``, ``amp``...).
+        runtime: ``torch``, ``openvino`` or ``openvino-int8`` (see :mod:`medssl.export`).
+        model_format: what the ``torch`` runtime runs: ``pt`` (the eager network), ``ts`` (TorchScript) or ``pt2``
+            (the ``torch.export`` program); exported artefacts are made (or rebuilt when stale) on first use.
 
     Raises:
         medssl.release.ReleaseError: the bundle cannot be pulled or fails its checksum.
@@ -195,9 +199,12 @@ class Segmenter:
         largest_component: Any = True,
         progress: bool = True,
         overrides: Optional[Dict[str, Any]] = None,
+        runtime: str = "torch",
+        model_format: str = "pt",
     ) -> None:
         from monai.bundle import ConfigParser
 
+        check_runtime(runtime, model_format)  # a bad choice is refused before anything is pulled or loaded
         self.root = _resolve_bundle(bundle, index, bundle_dir)
         require_weights(str(self.root / "models" / "model.pt"))
         parser = ConfigParser()
@@ -217,10 +224,19 @@ class Segmenter:
             "output_dir": str(self.workdir / "pred"),
             "largest_component": as_bool(largest_component, "largest_component"),
             "num_workers": 0,
+            "runtime": str(runtime),
+            "model_format": str(model_format),
             **(overrides or {}),
         }
         if device:
             settings["device"] = f"$torch.device({str(device)!r})"
+        chosen = (str(settings["runtime"]), str(settings["model_format"]))
+        if chosen != ("torch", "pt") and "network_spec" not in parser:
+            raise ValueError(
+                f"{self.root / 'configs' / 'inference.json'}: this bundle (version {self.version}) predates the "
+                f"runtimes; runtime {chosen[0]!r} / model_format {chosen[1]!r} need an inference.json with "
+                "'network_spec', 'runtime' and 'model_format' (pull a newer release)."
+            )
         for k, v in settings.items():
             parser[k] = v
         parser.get_parsed_content("initialize")
@@ -228,6 +244,7 @@ class Segmenter:
         self.preprocessing = parser.get_parsed_content("preprocessing")
         self.device = str(parser.get_parsed_content("device"))
         self.precision = str(parser.get_parsed_content("precision"))
+        self.runtime = check_runtime(parser.get_parsed_content("runtime"), parser.get_parsed_content("model_format"))
 
     def close(self) -> None:
         if getattr(self, "workdir", None) is not None:  # __init__ may have failed before making it
@@ -372,6 +389,7 @@ class Segmenter:
             stats = {
                 **{k: record[k] for k in ("scan", "series_uid", "labels", "seconds", "segmentation", "dicom_seg")},
                 "bundle": self.name, "version": self.version, "device": self.device, "precision": self.precision,
+                "runtime": self.runtime,
             }  # fmt: skip
             made["statistics"] = write_json(stats, work / f"{scan.name}_statistics.json")
             record["statistics"] = str(out / f"{scan.name}_statistics.json")
@@ -481,6 +499,8 @@ def segment(
     preview: bool = False,
     fail_fast: bool = False,
     announce: Optional[Callable[[str], None]] = None,
+    runtime: str = "torch",
+    model_format: str = "pt",
 ) -> List[Dict[str, Any]]:
     """Segment ``scans`` with a bundle (see :class:`Segmenter` and :meth:`Segmenter.segment`); one record per scan.
 
@@ -491,12 +511,15 @@ def segment(
         FileNotFoundError: the bundle has no weights.
     """
     _check_output_type(output_type)
+    check_runtime(runtime, model_format)
     inputs = collect_inputs(scans)
     if all(scan.error for scan in inputs):  # nothing to segment: no bundle to pull or load
         out = Path(out).expanduser()
         out.mkdir(parents=True, exist_ok=True)
         return _each_scan(inputs, out, _refuse, fail_fast, progress, {"bundle": bundle})
-    with Segmenter(bundle, index, bundle_dir, device, largest_component, progress, overrides) as segmenter:
+    with Segmenter(
+        bundle, index, bundle_dir, device, largest_component, progress, overrides, runtime, model_format
+    ) as segmenter:
         return segmenter.segment_inputs(inputs, out, output_type, series, preview, fail_fast, announce)
 
 

@@ -23,16 +23,21 @@ The encoder is the VNet's own ``encoder`` module list under the VNet's names, so
 encoder of every other bundle through ``pretrained_ckpt``. The SparK decoder, densify layers and mask tokens are kept
 under ``spark_*`` names, which the segmentation bundles report as unexpected and do not load: as in the paper, only
 the encoder is transferred (the decoder learnt to fill mask tokens, not to segment).
+
+``SparKNet`` compiles with ``torch.jit.script`` (the bundle's ``models/model.ts``, the zoo verifier's export): the
+encoder stages are the VNet's own layers regrouped in sparse stages (:class:`_SparseConvs`, :class:`_SparseDownStage`)
+that run them in order with their scale's mask, so the forward needs no module traversal, no module-level constant and
+no module passed to a function; the operations and their order, and so the numbers, are unchanged.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from medssl.networks import DECODER_CONVS, VNet, _UpStage
+from medssl.networks import DECODER_CONVS, VNet, _DownStage, _UpStage
 
 __all__ = [
     "SparKNet",
@@ -49,21 +54,25 @@ STRIDE = 16  # the VNet's total downsampling: one mask element per 16^3 voxels
 
 def draw_mask(
     batch: int,
-    grid: Sequence[int],
+    grid: List[int],
     mask_ratio: float,
     device: Optional[torch.device] = None,
     generator: Optional[torch.Generator] = None,
 ) -> torch.Tensor:
     """A random visibility mask ``[batch, 1, *grid]`` (True = visible) hiding ``round(L * mask_ratio)`` of the
-    ``L`` cells of each sample, the rest visible (at least one visible cell)."""
+    ``L`` cells of each sample, the rest visible (at least one visible cell). ``grid`` is any sequence of ints."""
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}.")
-    cells = int(torch.tensor(list(grid)).prod())
-    keep = max(1, cells - round(cells * mask_ratio))
+    shape = [batch, 1]
+    for g in grid:
+        shape.append(g)
+    cells = int(torch.tensor(shape[2:]).prod())
+    keep = max(1, cells - int(round(cells * mask_ratio)))  # round half to even in Python and TorchScript alike
     order = torch.rand(batch, cells, generator=generator).argsort(dim=1)
     visible = torch.zeros(batch, cells, dtype=torch.bool)
     visible.scatter_(1, order[:, :keep], True)
-    return visible.view(batch, 1, *grid).to(device if device is not None else "cpu")
+    visible = visible.view(shape)
+    return visible.to(device) if device is not None else visible
 
 
 def upsample_mask(visible: torch.Tensor, factor: int) -> torch.Tensor:
@@ -73,29 +82,43 @@ def upsample_mask(visible: torch.Tensor, factor: int) -> torch.Tensor:
     return visible
 
 
+def _bn_input(x: torch.Tensor, visible: torch.Tensor, sparse: bool) -> torch.Tensor:
+    """What a BatchNorm3d sees in :func:`sparse_batch_norm`: the visible voxels as rows ``[N_visible, C, 1, 1, 1]``
+    when ``sparse``, else ``x``."""
+    if not sparse:
+        return x
+    return x.movedim(1, -1)[visible[:, 0]][:, :, None, None, None]
+
+
+def _bn_output(y: torch.Tensor, x: torch.Tensor, visible: torch.Tensor, sparse: bool) -> torch.Tensor:
+    """The BatchNorm3d's output ``y`` on :func:`_bn_input` back on ``x``'s grid, hidden voxels 0."""
+    if not sparse:
+        return y * visible
+    normed = y[:, :, 0, 0, 0]
+    out = x.new_zeros(x.movedim(1, -1).shape, dtype=normed.dtype)
+    out[visible[:, 0]] = normed
+    return out.movedim(-1, 1)
+
+
 def sparse_batch_norm(bn: nn.BatchNorm3d, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     """``bn`` applied as if only the visible voxels existed: in training, batch statistics (and the running
     statistics' update) over the visible voxels of the whole batch only; hidden voxels come out as 0.
+
+    In evaluation with running statistics it is a per-voxel affine map, so it runs densely and is then masked.
 
     Args:
         bn: a BatchNorm3d (its weights, running statistics and momentum are used).
         x: features ``[B, C, h, w, d]``.
         visible: ``[B, 1, h, w, d]`` boolean mask.
     """
-    if not bn.training and bn.track_running_stats:  # a per-voxel affine map: dense, then masked, is the same
-        return bn(x) * visible
-    keep = visible[:, 0]
-    rows = x.movedim(1, -1)[keep]  # [N_visible, C]
-    normed = bn(rows[:, :, None, None, None])[:, :, 0, 0, 0]
-    out = x.new_zeros(x.movedim(1, -1).shape, dtype=normed.dtype)
-    out[keep] = normed
-    return out.movedim(-1, 1)
+    sparse = bn.training or not bn.track_running_stats
+    return _bn_output(bn(_bn_input(x, visible, sparse)), x, visible, sparse)
 
 
 def cells_of(x: torch.Tensor, cell: int = STRIDE) -> torch.Tensor:
     """``x`` ``[B, C, H, W, D]`` as ``[B, H/cell, W/cell, D/cell, C * cell^3]`` (fp32): one row per cell."""
     b, c, h, w, d = x.shape
-    if h % cell or w % cell or d % cell:
+    if h % cell != 0 or w % cell != 0 or d % cell != 0:
         raise ValueError(f"spatial size {[h, w, d]} must be divisible by the cell size {cell}.")
     cells = x.reshape(b, c, h // cell, cell, w // cell, cell, d // cell, cell)
     return cells.permute(0, 2, 4, 6, 1, 3, 5, 7).reshape(b, h // cell, w // cell, d // cell, -1).float()
@@ -107,6 +130,38 @@ def cell_stats(x: torch.Tensor, cell: int = STRIDE, eps: float = 1e-6) -> Tuple[
     cells = cells_of(x, cell)
     mean, var = cells.mean(dim=-1), cells.var(dim=-1)
     return mean.unsqueeze(1), (var + eps).sqrt().unsqueeze(1)
+
+
+class _SparseConvs(nn.ModuleList):
+    """A VNet conv sequence (its own layers, under its own names) run on the visible voxels of one scale: each
+    convolution's output is masked, each BatchNorm3d is :func:`sparse_batch_norm`, other layers run as they are."""
+
+    def forward(self, h: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        for layer in self:  # told apart by attributes: TorchScript's isinstance misses a module type's variants
+            if hasattr(layer, "running_mean"):  # BatchNorm3d
+                sparse = layer.training or not layer.track_running_stats
+                h = _bn_output(layer(_bn_input(h, visible, sparse)), h, visible, sparse)
+            elif hasattr(layer, "padding_mode"):  # Conv3d
+                h = layer(h) * visible
+            else:
+                h = layer(h)
+        return h
+
+
+class _SparseDownStage(nn.Module):
+    """A VNet down stage (``down``, ``convs``: its own layers and names) run on the visible voxels of its scale."""
+
+    def __init__(self, stage: _DownStage) -> None:
+        super().__init__()
+        self.down = _SparseConvs(stage.down)
+        self.convs = _SparseConvs(stage.convs)
+
+    def forward(self, h: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        return self.convs(self.down(h, visible), visible)
+
+
+def _sparse_stage(stage: nn.Module) -> nn.Module:
+    return _SparseDownStage(stage) if isinstance(stage, _DownStage) else _SparseConvs(stage)
 
 
 class SparKNet(nn.Module):
@@ -139,7 +194,10 @@ class SparKNet(nn.Module):
         if norm not in ("batch", "none"):
             raise ValueError(f"SparKNet supports norm 'batch' (sparse BatchNorm) or 'none', got {norm!r}.")
         vnet = VNet(in_channels, 2, n_filters, norm, dropout=0.0)
-        self.encoder, self.widths, self.in_channels = vnet.encoder, vnet.widths, in_channels
+        # the VNet's encoder layers (same objects, initialisation and names), regrouped to run sparsely
+        self.encoder = nn.ModuleList(_sparse_stage(stage) for stage in vnet.encoder)
+        # STRIDE as an attribute: compiled code (TorchScript) cannot read a module-level int
+        self.widths, self.in_channels, self.cell_size = vnet.widths, in_channels, STRIDE
         self.mask_ratio, self.eval_seed = float(mask_ratio), int(eval_seed)
         last = len(self.widths) - 1
         self.spark_densify_norm = nn.ModuleList(
@@ -160,35 +218,31 @@ class SparKNet(nn.Module):
     def _check(self, x: torch.Tensor) -> None:
         if x.ndim != 5 or x.shape[1] != self.in_channels:
             raise ValueError(f"SparKNet expects input [B, {self.in_channels}, H, W, D], got {list(x.shape)}.")
-        if any(s % STRIDE for s in x.shape[2:]):
-            raise ValueError(f"SparKNet input sides must be divisible by {STRIDE}, got {list(x.shape[2:])}.")
+        if x.shape[2] % self.cell_size != 0 or x.shape[3] % self.cell_size != 0 or x.shape[4] % self.cell_size != 0:
+            raise ValueError(f"SparKNet input sides must be divisible by {self.cell_size}, got {list(x.shape[2:])}.")
 
     def sparse_encode(self, x: torch.Tensor, visible: torch.Tensor) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
         """Encoder features at the five scales computed on the visible cells only, and the five scale masks."""
         self._check(x)
-        masks = [upsample_mask(visible, STRIDE >> s) for s in range(len(self.widths))]
-        by_size = {tuple(m.shape[2:]): m for m in masks}
+        masks = [upsample_mask(visible, self.cell_size >> s) for s in range(len(self.widths))]
         h = x * masks[0]
-        features = []
-        for stage in self.encoder:
-            for layer in stage.modules():
-                if next(layer.children(), None) is not None:
-                    continue  # a container: its leaves come next
-                mask = by_size[tuple(h.shape[2:])] if isinstance(layer, nn.BatchNorm3d) else None
-                h = sparse_batch_norm(layer, h, mask) if mask is not None else layer(h)
-                if isinstance(layer, nn.Conv3d):
-                    h = h * by_size[tuple(h.shape[2:])]
+        features: List[torch.Tensor] = []
+        for s, stage in enumerate(self.encoder):  # stage s works at scale s throughout (its down conv included)
+            h = stage(h, masks[s])
             features.append(h)
         return features, masks
 
     def densify(self, features: List[torch.Tensor], masks: List[torch.Tensor]) -> List[torch.Tensor]:
         """Per scale: sparse norm, mask token in the hidden positions, projection conv."""
-        dense = []
-        for i, (f, m) in enumerate(zip(features, masks)):
-            norm = self.spark_densify_norm[i]
-            f = sparse_batch_norm(norm, f, m) if isinstance(norm, nn.BatchNorm3d) else f
-            f = torch.where(m, f, self.spark_mask_token[i].to(f.dtype))
-            dense.append(self.spark_densify_proj[i](f))
+        dense: List[torch.Tensor] = []
+        layers = zip(self.spark_densify_norm, self.spark_mask_token, self.spark_densify_proj)
+        for i, (norm, token, proj) in enumerate(layers):
+            f, m = features[i], masks[i]
+            if hasattr(norm, "running_mean"):  # BatchNorm3d (norm "batch"), else Identity
+                sparse = norm.training or not norm.track_running_stats
+                f = _bn_output(norm(_bn_input(f, m, sparse)), f, m, sparse)
+            f = torch.where(m, f, token.to(f.dtype))
+            dense.append(proj(f))
         return dense
 
     def masked_forward(self, x: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
@@ -201,7 +255,7 @@ class SparKNet(nn.Module):
 
     def eval_mask(self, x: torch.Tensor) -> torch.Tensor:
         """The fixed mask of :meth:`forward` for an input of ``x``'s shape."""
-        grid = [s // STRIDE for s in x.shape[2:]]
+        grid = [s // self.cell_size for s in x.shape[2:]]
         gen = torch.Generator().manual_seed(self.eval_seed)
         return draw_mask(x.shape[0], grid, self.mask_ratio, x.device, generator=gen)
 
@@ -209,9 +263,9 @@ class SparKNet(nn.Module):
         self._check(x)
         visible = self.eval_mask(x)
         pred = self.masked_forward(x, visible).float()
-        mean, std = cell_stats(x, STRIDE)
-        refilled = pred * upsample_mask(std, STRIDE) + upsample_mask(mean, STRIDE)
-        return torch.where(upsample_mask(visible, STRIDE), x.float(), refilled)
+        mean, std = cell_stats(x, self.cell_size)
+        refilled = pred * upsample_mask(std, self.cell_size) + upsample_mask(mean, self.cell_size)
+        return torch.where(upsample_mask(visible, self.cell_size), x.float(), refilled)
 
 
 class SparKForward(nn.Module):

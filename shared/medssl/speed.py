@@ -15,8 +15,10 @@ channels-last layout (every bundle's CPU setting before mixed precision came).
 
 from __future__ import annotations
 
+import os
 import platform
 import resource
+import shutil
 import statistics
 import tempfile
 import time
@@ -31,7 +33,15 @@ from medssl.data import atomic_path, write_json
 from medssl.precision import MixedPrecision, prepare_network, resolve_precision
 from medssl.runtime import tune_cpu_allocator
 
-__all__ = ["MODES", "speed", "bundle_iteration_seconds", "bare_iteration_seconds", "sliding_window_seconds"]
+__all__ = [
+    "MODES",
+    "RUNTIMES",
+    "speed",
+    "bundle_iteration_seconds",
+    "bare_iteration_seconds",
+    "sliding_window_seconds",
+    "runtime_seconds",
+]
 
 SEGMENTATION_BUNDLES = ("la_seg_finetune", "cvrl_semisup", "simcvd_distill")
 # mode -> bundle overrides
@@ -347,3 +357,167 @@ def _report(results: Dict[str, Any], modes: List[str], tuned: bool) -> List[str]
             )
     lines += ["", f"Peak resident memory of the process: {results['peak_rss_mb']:.0f} MB."]
     return lines
+
+
+# -- inference runtimes side by side -------------------------------------------------------------------------------
+
+# label -> Segmenter arguments (runtime, model_format, overrides)
+RUNTIMES: Dict[str, Dict[str, Any]] = {
+    "torch": {"runtime": "torch", "model_format": "pt", "overrides": {}},
+    "torch-fp32": {"runtime": "torch", "model_format": "pt", "overrides": {"amp": False}},
+    "ts": {"runtime": "torch", "model_format": "ts", "overrides": {}},
+    "pt2": {"runtime": "torch", "model_format": "pt2", "overrides": {}},
+    "openvino": {"runtime": "openvino", "model_format": "pt", "overrides": {}},
+    "openvino-int8": {"runtime": "openvino-int8", "model_format": "pt", "overrides": {}},
+}
+REFERENCE_RUNTIME = "torch-fp32"
+
+
+def _runtime_child(bundle_root: str, label: str, scans: List[str], out: str) -> Dict[str, Any]:
+    """In its own process: the bundle in runtime ``label`` on ``scans`` (the first once more before, untimed: the
+    compilation and first-call costs are reported apart); label maps written under ``out``."""
+    from medssl.segment import Segmenter
+
+    spec = RUNTIMES[label]
+    start = time.perf_counter()
+    seg = Segmenter(
+        bundle_root,
+        progress=False,
+        largest_component=False,
+        overrides=spec["overrides"],
+        runtime=spec["runtime"],
+        model_format=spec["model_format"],
+    )
+    load = time.perf_counter() - start
+    start = time.perf_counter()
+    seg.infer(Path(scans[0]))
+    first = time.perf_counter() - start
+    seconds = []
+    Path(out).mkdir(parents=True, exist_ok=True)
+    for scan in scans:
+        start = time.perf_counter()
+        written = seg.infer(Path(scan))
+        seconds.append(time.perf_counter() - start)
+        shutil.move(str(written), str(Path(out) / written.name))
+    result = {
+        "runtime": label,
+        "precision": seg.precision,
+        "load_seconds": load,
+        "first_call_seconds": first,
+        "seconds": seconds,
+        "peak_rss_mb": _peak_rss_mb(),
+        "threads": torch.get_num_threads(),
+    }
+    seg.close()
+    return result
+
+
+def runtime_seconds(
+    scans: Sequence[str],
+    bundle_root: str,
+    runtimes: Sequence[str] = ("torch", "torch-fp32", "pt2", "openvino", "openvino-int8"),
+    labels: Optional[Sequence[Optional[str]]] = None,
+    out: str = "speed_runtimes",
+) -> Dict[str, Any]:
+    """Seconds per native scan of each inference runtime, each alone in its own process (the bundle's whole
+    inference: preprocessing, sliding window, inversion; no largest-component step), peak memory, Dice against
+    ``labels`` and label-map agreement with :data:`REFERENCE_RUNTIME`. Writes ``out/runtimes.json`` and
+    ``out/runtimes.md``."""
+    import json
+    import subprocess
+    import sys
+
+    from medssl.export import check_runtime
+
+    unknown = [r for r in runtimes if r not in RUNTIMES]
+    if unknown:
+        raise ValueError(f"runtimes: unknown {unknown}; expected some of {', '.join(RUNTIMES)}.")
+    for r in runtimes:
+        check_runtime(RUNTIMES[r]["runtime"], RUNTIMES[r]["model_format"])
+    out_dir = Path(out)
+    results: Dict[str, Any] = {"cpu": _cpu_name(), "scans": [str(s) for s in scans], "runtimes": {}}
+    for label in runtimes:
+        child_out = out_dir / "labels" / label
+        args = json.dumps([str(bundle_root), label, [str(s) for s in scans], str(child_out)])
+        proc = subprocess.run(
+            [sys.executable, "-m", "medssl.speed", args], capture_output=True, text=True, env={**os.environ}
+        )
+        if proc.returncode != 0:
+            results["runtimes"][label] = {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
+            continue
+        results["runtimes"][label] = json.loads(proc.stdout.strip().splitlines()[-1])
+    _runtime_accuracy(results, out_dir, scans, labels)
+    write_json(results, out_dir / "runtimes.json")
+    lines = _runtime_report(results)
+    with atomic_path(out_dir / "runtimes.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return results
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def _runtime_accuracy(results: Dict[str, Any], out_dir: Path, scans: Sequence[str], labels) -> None:
+    import nibabel as nib
+
+    from medssl.segment import _stem
+
+    def load(label: str, scan: str) -> Optional[np.ndarray]:
+        path = out_dir / "labels" / label / f"{_stem(Path(scan))}_seg.nii.gz"
+        return np.asarray(nib.load(path).dataobj) > 0 if path.is_file() else None
+
+    for label, r in results["runtimes"].items():
+        if "error" in r:
+            continue
+        dice, agree = [], []
+        for i, scan in enumerate(scans):
+            got = load(label, scan)
+            if labels and labels[i]:
+                truth = np.asarray(nib.load(labels[i]).dataobj) > 0
+                dice.append(_dice(got, truth))
+            ref = load(REFERENCE_RUNTIME, scan) if REFERENCE_RUNTIME in results["runtimes"] else None
+            if ref is not None:
+                agree.append(_dice(got, ref))
+        r["dice"] = dice
+        r["agreement_with_reference"] = agree
+
+
+def _runtime_report(results: Dict[str, Any]) -> List[str]:
+    lines = [
+        f"# Inference runtimes — {results['cpu']}",
+        "",
+        f"{len(results['scans'])} native scans; each runtime alone in its own process; seconds per scan = the bundle's"
+        " whole inference (preprocessing, sliding window, inversion), median over the scans after one untimed call.",
+        "",
+        f"| runtime | precision | s / scan (median) | min-max | first call s | peak RSS MB | Dice % (mean) | agreement "
+        f"with {REFERENCE_RUNTIME} % (mean, min) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, r in results["runtimes"].items():
+        if "error" in r:
+            lines.append(f"| {label} | failed: {' '.join(r['error'])} | | | | | | |")
+            continue
+        s = r["seconds"]
+        dice = f"{100 * statistics.mean(r['dice']):.2f}" if r.get("dice") else "-"
+        agree = r.get("agreement_with_reference") or []
+        agree_s = f"{100 * statistics.mean(agree):.2f}, {100 * min(agree):.2f}" if agree else "-"
+        lines.append(
+            f"| {label} | {r['precision']} | {statistics.median(s):.2f} | {min(s):.2f}-{max(s):.2f} | "
+            f"{r['first_call_seconds']:.2f} | {r['peak_rss_mb']:.0f} | {dice} | {agree_s} |"
+        )
+    return lines
+
+
+if __name__ == "__main__":  # the child of runtime_seconds: one runtime, alone in this process
+    import json
+    import sys
+
+    print(json.dumps(_runtime_child(*json.loads(sys.argv[1]))))
