@@ -1,8 +1,9 @@
 """A throw-away Orthanc PACS for tests: the Debian ``Orthanc`` binary on 127.0.0.1 with its own storage folder.
 
 ``Orthanc`` starts with free HTTP and DICOM ports, AET ``ORTHANC``, no authentication, remote access off (it only
-answers on the loopback interface), the DICOMweb plugin loaded when ``orthanc-dicomweb`` is installed, and the
-nodes under test registered as DICOM modalities (at start in the configuration, or later with :meth:`add_modality`).
+answers on the loopback interface), the DICOMweb plugin loaded when ``orthanc-dicomweb`` is installed (its root:
+:attr:`Orthanc.dicomweb_url`), and the nodes under test registered as DICOM modalities (at start in the
+configuration, or later with :meth:`add_modality`).
 Only the standard library is used for REST, so nothing beyond the test requirements is needed.
 
 Tests skip with the reason when the binary is truly absent (``apt-get install orthanc orthanc-dicomweb``); CI
@@ -242,6 +243,29 @@ class Orthanc:
     def upload(self, file: os.PathLike | str) -> Dict[str, Any]:
         """``POST /instances`` of one DICOM file; returns Orthanc's answer (``ID``, ``ParentStudy``, ``Status``)."""
         return self.post("/instances", Path(file).read_bytes())
+
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb root (QIDO-RS, WADO-RS, STOW-RS), e.g. for ``monailabel start_server --studies``.
+
+        Raises:
+            OrthancError: the DICOMweb plugin is not loaded (``apt-get install orthanc-dicomweb``).
+        """
+        if not self.plugin:
+            raise OrthancError("the Orthanc DICOMweb plugin is not installed (apt-get install orthanc-dicomweb)")
+        return f"{self.url}/dicom-web"
+
+    def instance_count(self) -> int:
+        """How many instances Orthanc stores (``/statistics``)."""
+        return int(self.get("/statistics")["CountInstances"])
+
+    def find_series(self, **query: str) -> list:
+        """Series whose main DICOM tags match ``query`` (``/tools/find``, e.g. ``Modality="SEG"``), expanded."""
+        return self.post("/tools/find", {"Level": "Series", "Query": query, "Expand": True})
+
+    def instance_file(self, instance_id: str) -> bytes:
+        """The DICOM file of an instance (Orthanc id)."""
+        return self.get(f"/instances/{instance_id}/file", raw=True)
 
     def add_modality(self, name: str, aet: str, port: int, host: str = "127.0.0.1") -> None:
         """Register (or update) a DICOM node Orthanc may send to."""

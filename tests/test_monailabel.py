@@ -1,5 +1,6 @@
 """The MONAI Label app (apps/monailabel) served for real: ``monailabel start_server`` on 127.0.0.1 with a
-datastore of sample volumes (2 labeled, 2 not), then /info, /infer and /train over HTTP.
+datastore of sample volumes (2 labeled, 2 not), then /info, /infer, bad requests and /train over HTTP; the request
+checks of :mod:`medssl.label` on their own. The app on a PACS (DICOMweb): tests/test_monailabel_pacs.py.
 
 MONAI Label pins its own dependency set (torchvision and a CUDA build of torch), so it lives in its own
 environment, ``.venv-label`` (the README's test command creates it; ``MEDSSL_LABEL_PYTHON`` may point at
@@ -8,10 +9,12 @@ another one's python).
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import time
+import uuid
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -23,7 +26,17 @@ import pytest
 import torch
 from helpers import BUNDLES, REPO, TINY, bundle_cmd, configs
 
-from medssl.label import prepare_models, publish_weights, write_datastore_split
+from medssl.label import (
+    RequestError,
+    check_image_upload,
+    check_name,
+    check_request_paths,
+    check_uid,
+    prepare_models,
+    publish_weights,
+    read_label_upload,
+    write_datastore_split,
+)
 from medssl.networks import VNet
 from medssl.release import ReleaseError, package
 from medssl.sample_data import sample_data
@@ -105,6 +118,39 @@ def _request(url, method="GET", body=None, timeout=600):
     req = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=timeout) as r:
         return r.read(), r.headers
+
+
+def _call(url, method="POST", files=None, form=None, timeout=600):
+    """One HTTP request, multipart when ``files`` (``{field: (filename, bytes)}``) or ``form`` are given; returns
+    ``(status, body, headers)`` for any status."""
+    data, headers = None, {}
+    if files or form:
+        boundary = uuid.uuid4().hex
+        parts = []
+        for name, value in (form or {}).items():
+            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
+        for name, (filename, content) in (files or {}).items():
+            head = (
+                f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"; filename="{filename}"\r\n'
+                "Content-Type: application/octet-stream\r\n\r\n"
+            )
+            parts.append(head.encode() + content + b"\r\n")
+        data = b"".join(parts) + f"--{boundary}--\r\n".encode()
+        headers["Content-Type"] = f"multipart/form-data; boundary={boundary}"
+    req = urllib.request.Request(url, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as r:
+            return r.status, r.read(), r.headers
+    except urllib.error.HTTPError as e:
+        return e.code, e.read(), e.headers
+
+
+def _detail(body: bytes) -> str:
+    """The reason of an error answer (FastAPI's ``{"detail": ...}``), else the start of the body."""
+    try:
+        return str(json.loads(body).get("detail", ""))
+    except (ValueError, AttributeError):
+        return body[:300].decode(errors="replace")
 
 
 def _start_server(app, studies, tmp_path, *conf):
@@ -222,16 +268,37 @@ def test_monailabel_server_info_infer_train(tmp_path):
         values = np.unique(np.asanyarray(pred.dataobj))
         assert set(values.tolist()) <= {0, 1}
 
-        # the request's own faults get a 4xx with the reason, not a bare 500 (MONAI Label's default)
-        cut = tmp_path / "cut.nii.gz"  # a path, as MONAI Label accepts besides image ids; the datastore stays clean
-        cut.write_bytes(cases[3].read_bytes()[: cases[3].stat().st_size // 2])
-        for image, status, detail in (
-            (urllib.parse.quote(str(cut)), 422, f"{cut}: not a readable NIfTI volume (EOFError: Compressed file ended"),
-            ("no_such_image", 404, "image 'no_such_image': no such image in the datastore."),
-        ):
-            with pytest.raises(urllib.error.HTTPError) as err:
-                _request(f"{base}/infer/la_seg_finetune?image={image}&output=image", method="POST")
-            assert err.value.code == status and json.loads(err.value.read())["detail"].startswith(detail)
+        # the request's own faults get a 4xx with the reason and change nothing (MONAI Label 0.8.5: a bare 500, or 200
+        # with garbage stored as the label)
+        labels_dir = studies / "labels" / "final"
+        before = sorted((p.name, p.read_bytes()) for p in labels_dir.iterdir()), sorted(os.listdir(studies))
+        image = cases[3].read_bytes()
+        truncated = image[: len(image) // 2]
+        small = tmp_path / "small.nii.gz"
+        nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), np.uint8), np.eye(4)), small)
+        label_id = cases[0].name[: -len(".nii.gz")]
+        q = urllib.parse.quote
+        for method, url, files, status, detail in (
+            ("POST", "/infer/la_seg_finetune", {"file": ("scan.nii.gz", truncated)}, 422,
+             "the uploaded image: not a readable NIfTI volume (EOFError: Compressed file ended"),
+            ("POST", "/infer/la_seg_finetune?image=no_such_image", None, 404,
+             "image 'no_such_image': no such image in the datastore."),
+            ("POST", f"/infer/la_seg_finetune?image={q(str(cases[3]))}", None, 400,
+             f"image: '{cases[3]}' is a path outside the datastore"),
+            ("PUT", f"/datastore/label?image={label_id}&tag=final", {"label": ("l.nii.gz", b"garbage\n")}, 422,
+             f"label for image '{label_id}': not a readable NIfTI volume"),
+            ("PUT", f"/datastore/label?image={label_id}&tag=final", {"label": ("l.nii.gz", small.read_bytes())}, 422,
+             f"label for image '{label_id}': shape (8, 8, 8) differs from its image's shape (48, 48, 32)."),
+            ("PUT", f"/datastore/label?image={label_id}&tag={q('../..')}", {"label": ("l.nii.gz", image)}, 400,
+             "tag '../..': expected a name"),
+            ("PUT", "/datastore/image?image=new_scan", {"file": ("new_scan.nii.gz", b"garbage\n")}, 422,
+             "image upload for 'new_scan': not a readable NIfTI volume"),
+            ("PUT", f"/datastore/image?image={q('../outside')}", {"file": ("x.nii.gz", image)}, 400,
+             "image '../outside': expected a name"),
+        ):  # fmt: skip
+            code, body, _ = _call(base + url, method=method, files=files, timeout=120)
+            assert (code, _detail(body)[: len(detail)]) == (status, detail), (url, code, _detail(body))
+        assert (sorted((p.name, p.read_bytes()) for p in labels_dir.iterdir()), sorted(os.listdir(studies))) == before
 
         params = {"max_iterations": 2, "patch_size": [32, 32, 32], "num_workers": 0, "val_split": 0.0,
                   "device": "cpu", "multi_gpu": False}  # fmt: skip
@@ -252,11 +319,70 @@ def test_monailabel_server_info_infer_train(tmp_path):
     assert "Iter: 2/2" in server_log and "saved final weights (iteration 2)" in server_log
 
 
-def test_request_keys_are_stashed_and_restored():
-    """MONAI Label's "image_path" would be taken for the image's metadata by Spacingd; the app moves it aside."""
-    from medssl.label import StashRequestKeys
+def test_requests_name_ids_not_paths(tmp_path):
+    assert check_name("case_01.a-b", "image") == "case_01.a-b"
+    for bad in ("../x", "a/b", "..", ".hidden", "", "a" * 200, None):
+        with pytest.raises(RequestError, match="expected a name") as err:
+            check_name(bad, "image")
+        assert err.value.status == 400
+    assert check_uid("1.2.840.10008.5.1.4.1.1.4", "image") == "1.2.840.10008.5.1.4.1.1.4"
+    for bad in ("1..2", "12", "1.2.x", "1." + "2" * 70, "../1.2", "1.2/3"):
+        with pytest.raises(RequestError, match="expected a DICOM SeriesInstanceUID"):
+            check_uid(bad, "image")
+    store = tmp_path / "store"
+    (store / "labels").mkdir(parents=True)
+    check_request_paths({"image": "case1", "device": "cpu", "result_extension": ".nii.gz", "n": 2}, [store])
+    check_request_paths({"image": str(store / "labels" / "a.nii.gz")}, [store])
+    for bad, field in (
+        ({"image": "/etc/passwd"}, "image"),
+        ({"model_filename": "../../x.pt"}, "model_filename"),
+        ({"label_info": [{"name": "left atrium"}, {"file": "~/x"}]}, "label_info.1.file"),
+        ({"image": str(store) + "/../x"}, "image"),
+    ):
+        with pytest.raises(RequestError, match=f"^{field}: .* is a path outside the datastore") as err:
+            check_request_paths(bad, [store])
+        assert err.value.status == 400
 
-    data = {"image": "/s/a.nii.gz", "image_path": "/s/a.nii.gz", "model": "m"}
-    stashed = StashRequestKeys()(data)
-    assert "image_path" not in stashed and stashed["medssl_stashed_image_path"] == "/s/a.nii.gz"
-    assert StashRequestKeys(restore=True)(stashed) == data
+
+def test_uploads_are_checked_against_their_image(tmp_path):
+    affine = np.diag([0.6, 0.6, 1.2, 1.0])
+    image = tmp_path / "image.nii.gz"
+    nib.save(nib.Nifti1Image(np.random.default_rng(0).normal(size=(6, 5, 4)).astype(np.float32), affine), image)
+    assert check_image_upload(image) == (6, 5, 4)
+    labels = np.zeros((6, 5, 4), np.uint8)
+    labels[1:3, 2:4, 1] = 1
+    good = tmp_path / "label.nii.gz"
+    nib.save(nib.Nifti1Image(labels, affine), good)
+    back, back_affine = read_label_upload(good, image, {1: "left atrium"})
+    np.testing.assert_array_equal(back, labels)
+    np.testing.assert_allclose(back_affine, affine)
+    raw = tmp_path / "label.bin"  # OHIF's upload: one uint8 per voxel, Fortran order
+    raw.write_bytes(labels.tobytes(order="F"))
+    np.testing.assert_array_equal(read_label_upload(raw, image, {1: "left atrium"})[0], labels)
+    cases = {
+        "garbage.nii.gz": (b"garbage", "not a readable NIfTI volume"),
+        "cut.nii.gz": (good.read_bytes()[:-20], "not a readable NIfTI volume"),
+        "short.bin": (b"\0" * 7, "7 bytes, expected 120 (one uint8 per voxel of (6, 5, 4))"),
+    }
+    for name, (content, reason) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(RequestError, match=re.escape(reason)) as err:
+            read_label_upload(tmp_path / name, image, {1: "left atrium"})
+        assert err.value.status == 422
+    for array, aff, reason in (
+        (np.zeros((6, 5, 3), np.uint8), affine, "shape (6, 5, 3) differs from its image's shape (6, 5, 4)"),
+        (labels, np.eye(4), "affine"),
+        (labels * 2, affine, "values [2] are not labels of the served models {1: 'left atrium'} (or 0)"),
+        (labels + 0.5, affine, "values must be integer label values"),
+    ):
+        bad = tmp_path / "bad.nii.gz"
+        nib.save(nib.Nifti1Image(array, aff), bad)
+        with pytest.raises(RequestError, match=re.escape(reason)):
+            read_label_upload(bad, image, {1: "left atrium"})
+    for name, content, reason in (
+        ("scan.txt", b"x", "expected a NIfTI volume (.nii or .nii.gz)"),
+        ("scan.nii.gz", image.read_bytes()[:-30], "not a readable NIfTI volume"),
+    ):
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(RequestError, match=re.escape(reason)):
+            check_image_upload(tmp_path / name)

@@ -369,21 +369,27 @@ def _read_classic(info: SeriesInfo, source: str, dtype) -> DicomVolume:
 # -- DICOM SEG -------------------------------------------------------------------------------------------------
 
 
-def _segment_description(number: int, label: str, bundle: str, version: str):
+def _segment_description(number: int, label: str, bundle: str, version: str, algorithm_type: str = "AUTOMATIC"):
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
     prop, category = SEGMENT_CODES.get(
         label.lower(), (("85756007", "SCT", "Tissue"), ("91723000", "SCT", "Anatomical Structure"))
     )
+    kind = hd.seg.SegmentAlgorithmTypeValues[algorithm_type]
     return hd.seg.SegmentDescription(
         segment_number=number,
         segment_label=label[:64].capitalize(),
         segmented_property_category=hd.sr.CodedConcept(*category),
         segmented_property_type=hd.sr.CodedConcept(*prop),
-        algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-        algorithm_identification=hd.AlgorithmIdentificationSequence(
-            name=bundle, version=version, family=codes.cid7162.ArtificialIntelligence
+        algorithm_type=kind,
+        # a MANUAL segment names no algorithm (the standard forbids it); AUTOMATIC and SEMIAUTOMATIC ones must
+        algorithm_identification=(
+            None
+            if kind == hd.seg.SegmentAlgorithmTypeValues.MANUAL
+            else hd.AlgorithmIdentificationSequence(
+                name=bundle, version=version, family=codes.cid7162.ArtificialIntelligence
+            )
         ),
     )
 
@@ -395,11 +401,19 @@ def write_seg(
     bundle: str,
     version: str,
     label_names: Dict[int, str],
+    *,
+    algorithm_type: str = "AUTOMATIC",
+    content_creator: str = "medssl^automatic",
+    series_description: Optional[str] = None,
 ) -> Path:
     """Write the label map ``labels`` (on ``volume``'s grid, ``[i, j, k]``) as a BINARY DICOM SEG of the source
     series: one segment per label value in ``label_names`` (SNOMED CT coded where known), frames on the source
     slices, empty frames omitted, the bundle name and version as the algorithm. The file appears complete or not
     at all.
+
+    ``algorithm_type`` (``AUTOMATIC``, ``SEMIAUTOMATIC`` for a label a person saved from the bundle's output, or
+    ``MANUAL``), ``content_creator`` (a DICOM person name) and ``series_description`` (default ``"<bundle> <version>
+    segmentation"``) describe who made it.
 
     Raises:
         DicomError: ``labels`` is not on the volume's grid.
@@ -414,13 +428,13 @@ def write_seg(
     frames = np.stack([labels.transpose(2, 1, 0) == v for v in numbers], axis=-1)  # (slice, row, column, segment)
     source = volume.datasets[0]
     series_number = int(source.get("SeriesNumber", 0) or 0) + 1000
-    description = f"{bundle} {version} segmentation"[:64]
+    description = (series_description or f"{bundle} {version} segmentation")[:64]
     seg = hd.seg.Segmentation(
         source_images=volume.datasets,
         pixel_array=frames.astype(np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[
-            _segment_description(i + 1, label_names[v], bundle, version) for i, v in enumerate(numbers)
+            _segment_description(i + 1, label_names[v], bundle, version, algorithm_type) for i, v in enumerate(numbers)
         ],
         series_instance_uid=generate_uid(),
         series_number=series_number,
@@ -433,7 +447,7 @@ def write_seg(
         series_description=description,
         content_label="SEGMENTATION",
         content_description=description,
-        content_creator_name="medssl^automatic",
+        content_creator_name=content_creator,
         omit_empty_frames=True,
     )
     path = Path(path)
