@@ -4,12 +4,12 @@ A bundle ships (or trains) one weights file, ``models/model.pt``. Everything els
 on the machine that uses it, at pull time or on first use:
 
 ====================  =============================  =================================================
-``runtime``           artefact                       made by
+``kind``              artefact                       made by
 ====================  =============================  =================================================
-``torchscript``       ``models/model.ts``            ``monai.bundle ckpt_export`` of ``network_def``
+``ts``                ``models/model.ts``            ``monai.bundle ckpt_export`` of ``network_def``
 ``pt2``               ``models/model.pt2``           ``torch.export`` (batch and spatial sizes dynamic,
                                                      spatial sizes multiples of 16)
-``openvino``          ``models/openvino/fp32.xml``   ONNX export, then the OpenVINO converter (fp32)
+``openvino``          ``models/openvino/fp32.xml``   OpenVINO's PyTorch converter (fp32)
 ``openvino-int8``     ``models/openvino/int8.xml``   the fp32 IR quantised by NNCF with the activation
                                                      ranges calibrated at release time
 ====================  =============================  =================================================
@@ -116,13 +116,9 @@ def _sha256(path: Path) -> str:
 def _tools(kind: str) -> Dict[str, str]:
     tools = {"torch": torch.__version__.split("+")[0]}
     if kind.startswith("openvino"):
-        import openvino
+        from medssl.openvino import tool_versions  # package metadata: importing NNCF would start its telemetry
 
-        tools["openvino"] = openvino.__version__.split("-")[0]
-        if kind == "openvino-int8":
-            import nncf
-
-            tools["nncf"] = nncf.__version__
+        tools.update(tool_versions(int8=kind == "openvino-int8"))
     return tools
 
 
@@ -139,7 +135,8 @@ def _inputs(root: Path, kind: str) -> Dict[str, str]:
         if not ranges.is_file():
             raise ExportError(
                 f"{ranges}: no int8 calibration record in this bundle, so runtime 'openvino-int8' is not available "
-                "(it is made at release time from training images: python -m medssl calibrate_int8); use 'openvino'."
+                "(it is made at release time from training images: benchmarks/openvino_calibrate.py, i.e. "
+                "medssl.openvino.record_int8_calibration); use 'openvino'."
             )
         inputs[ov.RANGES_FILE] = _sha256(ranges)
     return inputs
@@ -259,7 +256,8 @@ def _build(root: Path, kind: str, spec: Optional[Callable[[], nn.Module]]) -> No
         else:
             if not is_fresh(root, "openvino"):
                 _build_and_record(root, "openvino", spec)
-            ov.quantize_from_record(fp32, root / ov.RANGES_FILE, target)
+            weights = _sha256(root / "models" / "model.pt")  # a record made for other weights is refused by name
+            ov.quantize_from_record(fp32, root / ov.RANGES_FILE, target, weights_sha256=weights)
     else:  # pragma: no cover - guarded by check_runtime
         raise ValueError(kind)
 
