@@ -536,14 +536,15 @@ class MedsslInferTask(BundleInferTask):
 
     def __init__(self, path: str, conf: Dict[str, str]):
         super().__init__(path, conf)
-        self._segmenters: Dict[str, Any] = {}
+        self._conf = dict(conf or {})  # MONAI Label's task keeps no copy
+        self._segmenters: Dict[Any, Any] = {}
         self._lock = threading.Lock()
 
     def _segmenter(self, device: Optional[str], digest: str):
         from medssl.segment import Segmenter
 
-        runtime = str(self.conf.get("runtime", "torch"))
-        model_format = str(self.conf.get("model_format", "pt"))
+        runtime = str(self._conf.get("runtime", "torch"))
+        model_format = str(self._conf.get("model_format", "pt"))
         # the eager network re-reads models/model.pt at every request; an exported one (--conf runtime / model_format)
         # is made from it, so new weights (a /train) mean a new segmenter, whose export is rebuilt as stale
         exported = (runtime, model_format) != ("torch", "pt")
