@@ -50,6 +50,7 @@ __all__ = [
     "MODEL_FORMATS",
     "ARTEFACTS",
     "ExportError",
+    "file_sha256",
     "network",
     "ensure",
     "is_fresh",
@@ -105,7 +106,8 @@ def exported_precision(runtime: str, model_format: str, precision: str) -> str:
     return precision if kind in ("pt", "pt2") else "fp32"
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: os.PathLike | str) -> str:
+    """sha256 of a file's bytes (read in 1 MB chunks)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -127,7 +129,7 @@ def _inputs(root: Path, kind: str) -> Dict[str, str]:
     weights = root / "models" / "model.pt"
     if not weights.is_file():
         raise ExportError(f"{weights}: no weights to export; pull the released bundle or train it first.")
-    inputs = {"models/model.pt": _sha256(weights)}
+    inputs = {"models/model.pt": file_sha256(weights)}
     if kind == "openvino-int8":
         from medssl import openvino as ov
 
@@ -138,7 +140,7 @@ def _inputs(root: Path, kind: str) -> Dict[str, str]:
                 "(it is made at release time from training images: benchmarks/openvino_calibrate.py, i.e. "
                 "medssl.openvino.record_int8_calibration); use 'openvino'."
             )
-        inputs[ov.RANGES_FILE] = _sha256(ranges)
+        inputs[ov.RANGES_FILE] = file_sha256(ranges)
     return inputs
 
 
@@ -256,7 +258,7 @@ def _build(root: Path, kind: str, spec: Optional[Callable[[], nn.Module]]) -> No
         else:
             if not is_fresh(root, "openvino"):
                 _build_and_record(root, "openvino", spec)
-            weights = _sha256(root / "models" / "model.pt")  # a record made for other weights is refused by name
+            weights = file_sha256(root / "models" / "model.pt")  # a record made for other weights is refused by name
             ov.quantize_from_record(fp32, root / ov.RANGES_FILE, target, weights_sha256=weights)
     else:  # pragma: no cover - guarded by check_runtime
         raise ValueError(kind)

@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from medssl.data import atomic_path
+from medssl.export import file_sha256  # noqa: F401 (part of this module's API, as before)
 
 __all__ = [
     "RANGES_FILE",
@@ -179,14 +180,6 @@ def _quiet_nncf():
     finally:
         track_progress.track.__init__ = init
         nncf_log.setLevel(level)
-
-
-def file_sha256(path: os.PathLike | str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # -- fp32 ---------------------------------------------------------------------------------------------------------
