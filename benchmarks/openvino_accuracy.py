@@ -38,15 +38,32 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dataset_dir", required=True)
+    ap.add_argument("--dataset_dir", help="the LA dataset (required unless --from_json)")
     ap.add_argument("--cases", default="61-80", help="1-based positions of the training list: 61-80 or 3,8,13")
     ap.add_argument("--record", help="int8 calibration record (JSON); without it openvino-int8 is skipped")
     ap.add_argument("--bundle_root", help="bundle folder with models/model.pt (default: pull the release)")
     ap.add_argument("--runtimes", default=",".join(RUNTIMES))
     ap.add_argument("--reference", default="torch-fp32")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", required=True)
+    ap.add_argument("--out", help="folder for accuracy.json / accuracy.md (required unless --from_json)")
+    ap.add_argument(
+        "--bundle_record",
+        help="also write the bundle's runtime accuracy record here (configs/runtime_accuracy.json of the bundle "
+        "whose weights were measured; runtime 'auto' reads it)",
+    )
+    ap.add_argument(
+        "--from_json", help="write --bundle_record from this finished run's accuracy.json, measuring nothing"
+    )
     args = ap.parse_args()
+    if args.from_json:
+        if not args.bundle_record:
+            ap.error("--from_json needs --bundle_record")
+        write_bundle_record(
+            json.loads(Path(args.from_json).read_text()), args.bundle_record, args.from_json, args.record
+        )
+        return
+    if not args.out or not args.dataset_dir:
+        ap.error("--dataset_dir and --out are required")
     torch.set_num_threads(args.threads)
     from medssl.runtime import tune_cpu_allocator
 
@@ -146,6 +163,34 @@ def main() -> None:
         lines.append(f"| {row['position']} {row['case']} | " + " | ".join(cells) + " |")
     (out / "accuracy.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines[: 8 + len(summary)]))
+    if args.bundle_record:
+        write_bundle_record(result, args.bundle_record, str(out / "accuracy.json"), args.record)
+
+
+def write_bundle_record(result: dict, target: str, source: str, int8_record: str = None) -> None:
+    """The bundle's runtime accuracy record (``medssl.runtime_choice.write_accuracy_record``) from a run's result
+    (``int8_record``: the calibration record the int8 figures were measured with; its sha256 is kept)."""
+    from medssl.export import file_sha256
+    from medssl.runtime_choice import write_accuracy_record
+
+    if "openvino-int8" in result["summary"] and not int8_record:
+        raise SystemExit(
+            "--record is needed: the int8 figures hold only for the calibration record they were made with"
+        )
+
+    cases = result["cases"]
+    path = write_accuracy_record(
+        result["summary"],
+        target,
+        weights_sha256=result["weights_sha256"],
+        cases=f"LA training-list positions {cases} (the dev split's held-out cases), each at its native grid",
+        measured_on={"cpu": result["cpu"], "threads": result["threads"], "versions": result["versions"]},
+        inference=result["inference"],
+        command=f"python benchmarks/openvino_accuracy.py --dataset_dir DATA --cases {cases} --record RECORD --out OUT",
+        source=Path(source).name,
+        **({"int8_record_sha256": file_sha256(int8_record)} if int8_record else {}),
+    )
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

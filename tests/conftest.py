@@ -16,6 +16,11 @@ LA_DIR = SHARED_DIR / "data" / "la"
 LA_H5_DIR = SHARED_DIR / "data" / "la_h5_samples"
 SCHEMA = SHARED_DIR / "schema" / "meta_schema_20240725.json"
 
+# segment, the DICOM node and the MONAI Label app run ``--runtime auto`` by default: on a machine with OpenVINO it
+# times the runtimes once and may pick int8. The suite pins PyTorch (tests compare label maps with PyTorch's, and a
+# probe in every fresh MEDSSL_HOME would cost ~30 s); tests/test_runtime_choice.py runs ``auto`` itself.
+os.environ.setdefault("MEDSSL_RUNTIME", "torch")
+
 
 def _need(path: Path) -> Path:
     if not path.exists():

@@ -162,7 +162,7 @@ def test_segment_writes_a_seg_on_the_source_grid(series, segmenter, geometry, tm
     assert seg.SOPClassUID == "1.2.840.10008.5.1.4.1.1.66.4" and seg.SegmentationType == "BINARY"
     assert seg.StudyInstanceUID == src.StudyInstanceUID and seg.PatientID == src.PatientID == f"LA-{geometry}"
     assert seg.FrameOfReferenceUID == src.FrameOfReferenceUID and seg.SeriesInstanceUID != src.SeriesInstanceUID
-    assert "la_seg_finetune" in seg.SeriesDescription and "0.4.0" in seg.SeriesDescription
+    assert "la_seg_finetune" in seg.SeriesDescription and "0.5.0" in seg.SeriesDescription
     referenced = {str(i.ReferencedSOPInstanceUID) for i in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence}
     assert referenced == {str(ds.SOPInstanceUID) for ds in sources}
     segment_item = seg.SegmentSequence[0]
@@ -283,7 +283,7 @@ def test_segment_cli_on_a_dicom_folder(series, segmenter, tmp_path):
     assert proc.stdout.strip().splitlines()[-1] == "1 segmented, 0 failed"
     assert "axial_seg.dcm" in proc.stdout
     stats = json.loads((out / "axial_statistics.json").read_text())
-    assert stats["bundle"] == "la_seg_finetune" and stats["version"] == "0.4.0" and stats["device"] == "cpu"
+    assert stats["bundle"] == "la_seg_finetune" and stats["version"] == "0.5.0" and stats["device"] == "cpu"
     atrium = stats["labels"]["left atrium"]
     assert 10 < atrium["volume_ml"] < 300 and atrium["voxels"] * 0.625**3 / 1000 == pytest.approx(
         atrium["volume_ml"], abs=1e-3

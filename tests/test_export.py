@@ -112,7 +112,7 @@ def test_runtime_choices_are_checked_before_anything_loads(tmp_path):
 
     with pytest.raises(ValueError, match="model_format: expected one of pt, ts, pt2; got 'onnx'"):
         segment([tmp_path / "missing.nii.gz"], bundle=str(tmp_path / "no_bundle"), model_format="onnx")
-    with pytest.raises(ValueError, match="runtime: expected one of torch, openvino, openvino-int8; got 'tensorrt'"):
+    with pytest.raises(ValueError, match="runtime: expected one of auto, torch, openvino, openvino-int8; got 'tensorrt'"):
         segment([tmp_path / "missing.nii.gz"], bundle=str(tmp_path / "no_bundle"), runtime="tensorrt")
     with pytest.raises(ValueError, match="model_format 'pt2' is a PyTorch artefact"):
         export.check_runtime("openvino", "pt2")

@@ -244,3 +244,14 @@ def test_bf16_weight_gradient_of_depth_2_convolutions_is_right(poison):
     conv[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
     mixed(torch.randn(2, 16, 4, 4, 4)), mixed(x)
     assert seen == [torch.bfloat16, torch.float32]
+
+
+def test_a_onednn_cap_below_bf16_means_fp32(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA below AVX512_CORE_BF16 (a CPU without bf16, or one emulating it): bf16 would be emulated, so
+    amp resolves to fp32 on the CPU; a cap at or above it leaves the CPU's own answer."""
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "avx512_core_vnni")
+    native, why = P.cpu_bf16_support()
+    assert not native and "capped at AVX512_CORE_VNNI" in why
+    assert P.resolve_precision(True, "cpu") == "fp32"
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX512_CORE_AMX")
+    assert P.cpu_bf16_support()[0] == NATIVE_BF16

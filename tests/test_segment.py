@@ -84,7 +84,7 @@ def test_segment_keeps_every_component_on_request_and_reuses_the_pull(la_dir, tm
     written = sorted(p.name for p in (tmp_path / "a").iterdir())  # no temporary files left
     assert written == sorted([os.path.basename(r["segmentation"]), os.path.basename(r["statistics"]), "summary.json"])
     bundles = sorted(p.name for p in (Path(pulled["MEDSSL_HOME"]) / "bundles").iterdir())
-    assert bundles == ["la_seg_finetune_v0.4.0"]  # pulled once, reused
+    assert bundles == ["la_seg_finetune_v0.5.0"]  # pulled once, reused
 
 
 def test_segment_bad_inputs_name_the_file(tmp_path, pulled):
@@ -185,6 +185,6 @@ def test_inference_without_weights_names_the_file_and_the_two_ways(tmp_path):
 
 def test_released_index_lists_committed_zips():
     index = json.loads((REPO / "bundle_index.json").read_text())
-    assert "la_seg_finetune_v0.4.0" in index
+    assert "la_seg_finetune_v0.5.0" in index
     for key, entry in index.items():
         assert not entry["source"].startswith(("http", "/")) and (REPO / entry["source"]).is_file(), key

@@ -43,7 +43,12 @@ def installed(module_tmp):
             continue  # the wheel is built from the package sources; skip the large and irrelevant files
         (src / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / rel, src / rel)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "MEDSSL_BUNDLES")}
+    # a user's environment: no test settings (MEDSSL_RUNTIME among them: segment runs its real default, auto)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("PYTHONPATH", "VIRTUAL_ENV", "MEDSSL_BUNDLES", "MEDSSL_RUNTIME")
+    }
     env.update(MEDSSL_HOME=str(root / "home"), PYTHONUNBUFFERED="1")
     start = time.perf_counter()
     _run([sys.executable, "-m", "build", "--wheel", "--outdir", root / "dist", src], cwd=root, env=env)
@@ -93,3 +98,7 @@ def test_installed_wheel_pulls_and_runs_the_released_bundle(installed, la_dir):
         assert seg.shape == src.shape and np.allclose(seg.affine, src.affine, atol=1e-4), out
         got = np.asarray(seg.dataobj) > 0
         assert 2 * (got & truth).sum() / (got.sum() + truth.sum()) > 0.85, out
+    # segment's default is auto; without the openvino extra it runs PyTorch and says why
+    (stats,) = (work / "segs").glob("*_statistics.json")
+    choice = json.loads(stats.read_text())["runtime_choice"]
+    assert choice["runtime"] == "torch" and 'pip install "medssl[openvino]"' in choice["reason"], choice

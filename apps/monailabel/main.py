@@ -543,10 +543,13 @@ class MedsslInferTask(BundleInferTask):
     def _segmenter(self, device: Optional[str], digest: str):
         from medssl.segment import Segmenter
 
-        runtime = str(self._conf.get("runtime", "torch"))
+        from medssl.runtime_choice import default_runtime
+
+        runtime = str(self._conf.get("runtime") or default_runtime())
         model_format = str(self._conf.get("model_format", "pt"))
         # the eager network re-reads models/model.pt at every request; an exported one (--conf runtime / model_format)
-        # is made from it, so new weights (a /train) mean a new segmenter, whose export is rebuilt as stale
+        # is made from it, so new weights (a /train) mean a new segmenter, whose export is rebuilt as stale (and
+        # whose auto choice is made again: trained weights have no accuracy record, so auto runs them in torch)
         exported = (runtime, model_format) != ("torch", "pt")
         key = (device or "", digest if exported else "")
         if key not in self._segmenters:
@@ -589,6 +592,7 @@ class MedsslInferTask(BundleInferTask):
             "device": segmenter.device,
             "precision": segmenter.precision,
             "runtime": segmenter.runtime,
+            "runtime_choice": segmenter.runtime_choice,
             "weights_sha256": digest,
         }
 

@@ -166,7 +166,7 @@ def segment(
     series: str = None,
     preview: bool = False,
     fail_fast: bool = False,
-    runtime: str = "torch",
+    runtime: str = None,
     model_format: str = "pt",
 ) -> None:
     """Segment scans: NIfTI files or folders of them, DICOM series folders, study folders or .zip files (--series UID
@@ -175,7 +175,9 @@ def segment(
     nifti|dicom_seg|both, default both for DICOM), <name>_statistics.json, --preview true: <name>_preview.png; prints
     the volume in mL. A scan that fails is reported and skipped (exit status 1); --fail_fast true stops at it.
     --runtime torch|openvino|openvino-int8 picks the inference engine, --model_format pt|ts|pt2 what PyTorch runs (the
-    eager network, models/model.ts or models/model.pt2; exports are made on first use and rebuilt when stale)."""
+    eager network, models/model.ts or models/model.pt2; exports are made on first use and rebuilt when stale);
+    default --runtime auto ($MEDSSL_RUNTIME): the fastest on this CPU that keeps the release's label maps (timed once
+    per machine, cached in $MEDSSL_HOME/runtime_choice.json; torch for bundles without an accuracy record)."""
     from medssl.segment import print_table
     from medssl.segment import segment as _segment
 
@@ -192,7 +194,7 @@ def segment(
         preview=as_bool(preview, "preview"),
         fail_fast=as_bool(fail_fast, "fail_fast"),
         announce=print,
-        runtime=str(runtime),
+        runtime=None if runtime is None else str(runtime),
         model_format=str(model_format),
     )
     print_table(results)
@@ -215,10 +217,12 @@ def dicom_node(
     bundle_dir: str = None,
     device: str = None,
     largest_component: bool = True,
+    runtime: str = None,
 ) -> None:
     """Run a DICOM node (Storage SCP, C-ECHO) until Ctrl-C: each complete MR series received (association released,
     or --quiet_seconds without a new instance) is segmented and its DICOM SEG C-STOREd to --destination AET@HOST:PORT;
-    WORKDIR/incoming, done, failed keep every instance (see medssl.dicom_node)."""
+    WORKDIR/incoming, done, failed keep every instance (see medssl.dicom_node). --runtime as for segment (default auto).
+    """
     from medssl.dicom_node import dicom_node as _dicom_node
 
     _dicom_node(
@@ -235,6 +239,7 @@ def dicom_node(
         bundle_dir=bundle_dir,
         device=device,
         largest_component=largest_component,
+        runtime=None if runtime is None else str(runtime),
     )
 
 

@@ -686,6 +686,7 @@ def dicom_node(
     bundle_dir: Optional[str] = None,
     device: Optional[str] = None,
     largest_component: Any = True,
+    runtime: Optional[str] = None,
 ) -> None:
     """Run the node until SIGINT/SIGTERM (see the module docstring).
 
@@ -707,6 +708,7 @@ def dicom_node(
             "bundle_dir": bundle_dir,
             "device": device,
             "largest_component": as_bool(largest_component, "largest_component"),
+            "runtime": runtime,
         },
     )
     node.serve_forever()

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 import platform
 from typing import Any, Callable, Optional, Tuple
 
@@ -43,6 +44,7 @@ from medssl.data import as_bool
 __all__ = [
     "PRECISIONS",
     "cpu_bf16_support",
+    "onednn_isa_cap",
     "resolve_precision",
     "autocast",
     "prepare_network",
@@ -72,10 +74,28 @@ def _cpu_flags() -> set:
     return set()
 
 
+# oneDNN instruction-set caps (ONEDNN_MAX_CPU_ISA) below its first bf16 level, AVX512_CORE_BF16
+_ISAS_WITHOUT_BF16 = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX512_CORE", "AVX512_CORE_VNNI")
+
+
+def onednn_isa_cap() -> Optional[str]:
+    """The instruction-set cap set for oneDNN (``ONEDNN_MAX_CPU_ISA``, or the older ``DNNL_MAX_CPU_ISA``), if any.
+    PyTorch's and OpenVINO's oneDNN both honour it; a cap below AVX512_CORE_BF16 makes bf16 emulated."""
+    for name in ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        value = os.environ.get(name, "").strip().upper()
+        if value:
+            return value
+    return None
+
+
 def cpu_bf16_support() -> Tuple[bool, str]:
-    """Whether this CPU computes bf16 natively (and oneDNN, which runs the convolutions, is built in), with why."""
+    """Whether this CPU computes bf16 natively (and oneDNN, which runs the convolutions, is built in and not capped
+    below bf16 by ``ONEDNN_MAX_CPU_ISA``), with why."""
     if not torch.backends.mkldnn.is_available():
         return False, "PyTorch is built without oneDNN"
+    cap = onednn_isa_cap()
+    if cap in _ISAS_WITHOUT_BF16:
+        return False, f"oneDNN is capped at {cap} (ONEDNN_MAX_CPU_ISA), below its bf16 instructions"
     flags = _cpu_flags()
     native = sorted(flags & {"avx512_bf16", "amx_bf16", "bf16"})
     if native:

@@ -33,7 +33,8 @@ import nibabel as nib
 import numpy as np
 from medssl.bundle import cache_dir, default_index, require_weights
 from medssl.data import NIFTI_SUFFIXES, DataError, as_bool, atomic_path, check_headers, data_error_message, write_json
-from medssl.export import check_runtime
+from medssl.export import RUNTIMES, check_runtime
+from medssl.runtime_choice import default_runtime
 
 __all__ = [
     "Segmenter",
@@ -181,7 +182,9 @@ class Segmenter:
         largest_component: keep only the largest connected component of each label (default; ``False`` keeps all).
         progress: show a progress bar (on a terminal).
         overrides: other ``inference.json`` ids to set (``sw_overlap``, ``sw_batch_size``, ``amp``...).
-        runtime: ``torch``, ``openvino`` or ``openvino-int8`` (see :mod:`medssl.export`).
+        runtime: ``torch``, ``openvino``, ``openvino-int8`` (see :mod:`medssl.export`) or ``auto``: the fastest
+            of them that keeps the bundle's label maps on this machine (:mod:`medssl.runtime_choice`; ``torch`` for a
+            bundle without an accuracy record for its weights). Default: ``$MEDSSL_RUNTIME`` or ``auto``.
         model_format: what the ``torch`` runtime runs: ``pt`` (the eager network), ``ts`` (TorchScript) or ``pt2``
             (the ``torch.export`` program); exported artefacts are made (or rebuilt when stale) on first use.
 
@@ -199,12 +202,12 @@ class Segmenter:
         largest_component: Any = True,
         progress: bool = True,
         overrides: Optional[Dict[str, Any]] = None,
-        runtime: str = "torch",
+        runtime: Optional[str] = None,
         model_format: str = "pt",
     ) -> None:
         from monai.bundle import ConfigParser
 
-        check_runtime(runtime, model_format)  # a bad choice is refused before anything is pulled or loaded
+        runtime = _requested_runtime(runtime, model_format)  # refused before anything is pulled or loaded
         self.root = _resolve_bundle(bundle, index, bundle_dir)
         require_weights(str(self.root / "models" / "model.pt"))
         parser = ConfigParser()
@@ -230,6 +233,11 @@ class Segmenter:
         }
         if device:
             settings["device"] = f"$torch.device({str(device)!r})"
+        for k, v in settings.items():
+            parser[k] = v
+        self.runtime_choice: Optional[Dict[str, Any]] = None
+        if settings["runtime"] == "auto":
+            settings["runtime"] = parser["runtime"] = self._auto_runtime(parser)
         chosen = (str(settings["runtime"]), str(settings["model_format"]))
         if chosen != ("torch", "pt") and "network_spec" not in parser:
             raise ValueError(
@@ -237,14 +245,32 @@ class Segmenter:
                 f"runtimes; runtime {chosen[0]!r} / model_format {chosen[1]!r} need an inference.json with "
                 "'network_spec', 'runtime' and 'model_format' (pull a newer release)."
             )
-        for k, v in settings.items():
-            parser[k] = v
         parser.get_parsed_content("initialize")
         self.evaluator = parser.get_parsed_content("evaluator")
         self.preprocessing = parser.get_parsed_content("preprocessing")
         self.device = str(parser.get_parsed_content("device"))
         self.precision = str(parser.get_parsed_content("precision"))
         self.runtime = check_runtime(parser.get_parsed_content("runtime"), parser.get_parsed_content("model_format"))
+
+    def _auto_runtime(self, parser) -> str:
+        """``runtime: auto`` resolved for this bundle on its device (see :mod:`medssl.runtime_choice`)."""
+        from medssl.precision import resolve_precision
+        from medssl.runtime_choice import choose_runtime
+
+        if "network_spec" not in parser:  # a bundle released before the runtimes
+            self.runtime_choice = {"runtime": "torch", "reason": "torch: the bundle predates the other runtimes"}
+            return "torch"
+        device = parser.get_parsed_content("device")
+        choice = choose_runtime(
+            self.root,
+            device,
+            resolve_precision(parser.get_parsed_content("amp"), device),
+            parser.get_parsed_content("patch_size"),
+            parser.get_parsed_content("sw_batch_size"),
+            parser.get_parsed_content("network_spec"),
+        )
+        self.runtime_choice = {"runtime": choice.runtime, "reason": choice.reason, "cached": choice.cached}
+        return choice.runtime
 
     def close(self) -> None:
         if getattr(self, "workdir", None) is not None:  # __init__ may have failed before making it
@@ -390,6 +416,7 @@ class Segmenter:
                 **{k: record[k] for k in ("scan", "series_uid", "labels", "seconds", "segmentation", "dicom_seg")},
                 "bundle": self.name, "version": self.version, "device": self.device, "precision": self.precision,
                 "runtime": self.runtime,
+                **({"runtime_choice": self.runtime_choice} if self.runtime_choice else {}),
             }  # fmt: skip
             made["statistics"] = write_json(stats, work / f"{scan.name}_statistics.json")
             record["statistics"] = str(out / f"{scan.name}_statistics.json")
@@ -400,6 +427,24 @@ class Segmenter:
             shutil.rmtree(work, ignore_errors=True)
             for left in (self.workdir / "pred").glob("*"):
                 left.unlink(missing_ok=True)
+
+
+def _requested_runtime(runtime: Optional[str], model_format: str) -> str:
+    """``runtime`` (default ``$MEDSSL_RUNTIME`` or ``auto``) once checked with ``model_format``.
+
+    Raises:
+        ValueError: an unknown runtime or format, or a combination that cannot run.
+    """
+    runtime = str(runtime or default_runtime())
+    if runtime not in ("auto", *RUNTIMES):
+        raise ValueError(f"runtime: expected one of auto, {', '.join(RUNTIMES)}; got {runtime!r}.")
+    check_runtime("torch" if runtime == "auto" else runtime, model_format)
+    if runtime == "auto" and str(model_format) != "pt":
+        raise ValueError(
+            f"runtime 'auto' chooses between {', '.join(RUNTIMES)} for the weights themselves; model_format "
+            f"{model_format!r} is a PyTorch artefact: name runtime 'torch' with it."
+        )
+    return runtime
 
 
 def _check_output_type(output_type: Optional[str]) -> None:
@@ -499,7 +544,7 @@ def segment(
     preview: bool = False,
     fail_fast: bool = False,
     announce: Optional[Callable[[str], None]] = None,
-    runtime: str = "torch",
+    runtime: Optional[str] = None,
     model_format: str = "pt",
 ) -> List[Dict[str, Any]]:
     """Segment ``scans`` with a bundle (see :class:`Segmenter` and :meth:`Segmenter.segment`); one record per scan.
@@ -511,7 +556,7 @@ def segment(
         FileNotFoundError: the bundle has no weights.
     """
     _check_output_type(output_type)
-    check_runtime(runtime, model_format)
+    _requested_runtime(runtime, model_format)
     inputs = collect_inputs(scans)
     if all(scan.error for scan in inputs):  # nothing to segment: no bundle to pull or load
         out = Path(out).expanduser()

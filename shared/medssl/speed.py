@@ -369,6 +369,7 @@ RUNTIMES: Dict[str, Dict[str, Any]] = {
     "pt2": {"runtime": "torch", "model_format": "pt2", "overrides": {}},
     "openvino": {"runtime": "openvino", "model_format": "pt", "overrides": {}},
     "openvino-int8": {"runtime": "openvino-int8", "model_format": "pt", "overrides": {}},
+    "auto": {"runtime": "auto", "model_format": "pt", "overrides": {}},  # what segment runs by default
 }
 REFERENCE_RUNTIME = "torch-fp32"
 
@@ -401,6 +402,7 @@ def _runtime_child(bundle_root: str, label: str, scans: List[str], out: str) -> 
         shutil.move(str(written), str(Path(out) / written.name))
     result = {
         "runtime": label,
+        "ran": seg.runtime,  # the artefact kind (for auto: what it chose)
         "precision": seg.precision,
         "load_seconds": load,
         "first_call_seconds": first,
@@ -433,9 +435,17 @@ def runtime_seconds(
     if unknown:
         raise ValueError(f"runtimes: unknown {unknown}; expected some of {', '.join(RUNTIMES)}.")
     for r in runtimes:
-        check_runtime(RUNTIMES[r]["runtime"], RUNTIMES[r]["model_format"])
+        if RUNTIMES[r]["runtime"] != "auto":
+            check_runtime(RUNTIMES[r]["runtime"], RUNTIMES[r]["model_format"])
     out_dir = Path(out)
-    results: Dict[str, Any] = {"cpu": _cpu_name(), "scans": [str(s) for s in scans], "runtimes": {}}
+    from medssl.precision import onednn_isa_cap
+
+    results: Dict[str, Any] = {
+        "cpu": _cpu_name(),
+        "onednn_isa_cap": onednn_isa_cap(),
+        "scans": [str(s) for s in scans],
+        "runtimes": {},
+    }
     for label in runtimes:
         child_out = out_dir / "labels" / label
         args = json.dumps([str(bundle_root), label, [str(s) for s in scans], str(child_out)])
@@ -491,27 +501,32 @@ def _runtime_accuracy(results: Dict[str, Any], out_dir: Path, scans: Sequence[st
 
 
 def _runtime_report(results: Dict[str, Any]) -> List[str]:
+    cap = results.get("onednn_isa_cap")
     lines = [
-        f"# Inference runtimes — {results['cpu']}",
+        f"# Inference runtimes — {results['cpu']}{f' (oneDNN capped at {cap})' if cap else ''}",
         "",
         f"{len(results['scans'])} native scans; each runtime alone in its own process; seconds per scan = the bundle's"
-        " whole inference (preprocessing, sliding window, inversion), median over the scans after one untimed call.",
+        " whole inference (preprocessing, sliding window, inversion), median over the scans after one untimed call;"
+        " load = the bundle loaded, its artefacts made if missing and, for auto, the runtimes timed (once per machine).",
         "",
-        f"| runtime | precision | s / scan (median) | min-max | first call s | peak RSS MB | Dice % (mean) | agreement "
-        f"with {REFERENCE_RUNTIME} % (mean, min) |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| runtime | precision | s / scan (median) | min-max | load s | first call s | peak RSS MB | Dice % (mean) | "
+        f"agreement with {REFERENCE_RUNTIME} % (mean, min) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, r in results["runtimes"].items():
         if "error" in r:
-            lines.append(f"| {label} | failed: {' '.join(r['error'])} | | | | | | |")
+            lines.append(f"| {label} | failed: {' '.join(r['error'])} | | | | | | | |")
             continue
         s = r["seconds"]
         dice = f"{100 * statistics.mean(r['dice']):.2f}" if r.get("dice") else "-"
         agree = r.get("agreement_with_reference") or []
         agree_s = f"{100 * statistics.mean(agree):.2f}, {100 * min(agree):.2f}" if agree else "-"
+        ran = r.get("ran", label)
+        name = label if ran in (label, "pt") or label != "auto" else f"{label} ({ran})"
+        precision = "int8 (fp32 elsewhere)" if ran == "openvino-int8" else r["precision"]
         lines.append(
-            f"| {label} | {r['precision']} | {statistics.median(s):.2f} | {min(s):.2f}-{max(s):.2f} | "
-            f"{r['first_call_seconds']:.2f} | {r['peak_rss_mb']:.0f} | {dice} | {agree_s} |"
+            f"| {name} | {precision} | {statistics.median(s):.2f} | {min(s):.2f}-{max(s):.2f} | "
+            f"{r['load_seconds']:.1f} | {r['first_call_seconds']:.2f} | {r['peak_rss_mb']:.0f} | {dice} | {agree_s} |"
         )
     return lines
 
