@@ -13,6 +13,9 @@ Start it with::
 Auto-segmentation runs the bundle's ``inference.json`` through :class:`medssl.segment.Segmenter`, the code of
 ``python -m medssl segment``: the same precision, memory layout and threads, the label map in the input's geometry,
 and the weights read from ``models/model.pt`` at each request (a finished training is used by the next one).
+``--conf runtime auto|torch|openvino|openvino-int8`` (default ``auto``, or ``$MEDSSL_RUNTIME``: the fastest runtime that
+keeps the release's label maps on this CPU, see :mod:`medssl.runtime_choice`; weights trained here have no accuracy
+record, so ``auto`` runs them in PyTorch) and ``--conf model_format pt|ts|pt2`` choose what runs; ``/infer`` reports it.
 Training (``/train/<name>``) runs the bundle's ``train.json`` on the datastore's labeled images; the semi-supervised
 bundles (cvrl_semisup, simcvd_distill) also train on the images that have no label yet. Each training run gets its
 own folder ``<bundle>/monailabel/<time>/`` (its dataset.json, checkpoints, logs); when it finishes, its weights
