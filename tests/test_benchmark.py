@@ -145,7 +145,8 @@ def test_parse_training_log(tmp_path):
 
 def test_smoke_profile_end_to_end_and_resume(tmp_path):
     out = tmp_path / "results"
-    cmd = [sys.executable, "-m", "medssl", "benchmark", "--profile", "smoke", "--out", str(out)]
+    # two runs side by side (the pre-training first: pcrl+supervised starts from its weights)
+    cmd = [sys.executable, "-m", "medssl", "benchmark", "--profile", "smoke", "--out", str(out), "--parallel", "2"]
     proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-4000:]
     results = json.loads((out / "results.json").read_text())
@@ -237,17 +238,40 @@ def test_speed_command_small(tmp_path):
 
 
 def test_benchmark_amp_false_runs_every_step_in_fp32(tmp_path):
-    """`--amp false --upper_bound false` (command-line strings, parsed strictly): one fp32 run, nothing else."""
+    """`--amp false --upper_bound false` (command-line strings, parsed strictly): one fp32 run, nothing else; trained
+    with `--iterations 6 --steps train --overrides` (what a lent GPU does), then evaluated by the same command without
+    `--steps` (what the machine the weights come back to does), training nothing again."""
     out = tmp_path / "fp32"
+    run_dir = out / "runs" / "supervised-2"
     cmd = [sys.executable, "-m", "medssl", "benchmark", "--profile", "smoke", "--out", str(out)]
-    cmd += ["--methods", "supervised", "--upper_bound", "false", "--amp", "false"]
+    cmd += ["--methods", "supervised", "--upper_bound", "false", "--iterations", "6"]
+    cmd += ["--overrides", '{"sw_batch_size": 1}', "--amp", "false"]
+    train_only = subprocess.run(
+        cmd + ["--steps", "train"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900
+    )
+    assert train_only.returncode == 0, train_only.stdout[-4000:]
+    assert (run_dir / "train.done.json").is_file() and (run_dir / "models" / "model.pt").is_file()
+    assert not (run_dir / "evaluate.log").exists() and not (run_dir / "done.json").exists()
+    assert "summary" not in json.loads((out / "results.json").read_text())["runs"][0]
     proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:]
     results = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in results["runs"]] == ["supervised-2"]
     run = results["runs"][0]
     assert run["overrides"]["train"]["amp"] is False and run["overrides"]["evaluate"]["amp"] is False
+    # the schedule fitted to 6 iterations: lr step 6 * 2500 // 6000 = 2, checkpoints at the profile's interval 2 (at most
+    # half the run); the overrides in both steps
+    train = run["overrides"]["train"]
+    assert (train["max_iterations"], train["lr_step"], train["save_interval"]) == (6, 2, 2)
+    assert train["sw_batch_size"] == 1 and run["overrides"]["evaluate"]["sw_batch_size"] == 1
+    assert [i for i, _ in run["loss_curve"]] == [1, 2, 3, 4, 5, 6] and "dice_lcc" in run["summary"]
+    assert run["seconds"]["train"] > 0 and run["seconds"]["evaluate"] > 0 and (run_dir / "done.json").is_file()
+    assert (run_dir / "train.log").read_text().count("\n$ ") == 1  # trained once
     for step in ("train", "evaluate"):
-        assert "Precision: fp32 on cpu (amp is off)." in (out / "runs" / "supervised-2" / f"{step}.log").read_text()
+        assert "Precision: fp32 on cpu (amp is off)." in (run_dir / f"{step}.log").read_text()
     bad = subprocess.run(cmd[:-1] + ["maybe"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     assert bad.returncode != 0 and "amp must be true or false, got 'maybe'" in bad.stdout
+    bad = subprocess.run(
+        cmd + ["--steps", "train,fit"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    assert bad.returncode != 0 and "steps: expected some of ['pretrain', 'train', 'evaluate'], got" in bad.stdout

@@ -25,6 +25,7 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -148,6 +149,7 @@ METHODS: Dict[str, tuple] = {
 SWEEP_METHODS = ("supervised", "pcrl+supervised", "spark+supervised")
 DEFAULT_METHODS = ("supervised", "pcrl+supervised", "cvrl", "simcvd")
 METRICS = ("dice", "jaccard", "hd95", "asd")
+STEP_KINDS = ("pretrain", "train", "evaluate")
 BUNDLE_SEED = 1337  # the "seed" of every bundle's train.json; seed k > 1 of a benchmark run uses BUNDLE_SEED + k - 1
 
 
@@ -280,7 +282,8 @@ def _read_metrics(path: Path) -> Dict[str, Any]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     cases = [r for r in rows if r["case"] not in ("mean", "std", "n_nan")]
-    per_metric = {m: np.array([float(r[m]) for r in cases]) for m in METRICS if cases and m in cases[0]}
+    names = METRICS + tuple(f"{m}_lcc" for m in METRICS)  # the bundles' evaluate also scores the largest component
+    per_metric = {m: np.array([float(r[m]) for r in cases]) for m in names if cases and m in cases[0]}
     with np.errstate(all="ignore"):
         summary = {
             m: {"mean": float(np.nanmean(v)), "std": float(np.nanstd(v)), "n_nan": int(np.isnan(v).sum())}
@@ -348,6 +351,10 @@ def benchmark(
     bundles_dir: Optional[str] = None,
     amp: bool = True,
     seeds: int = 1,
+    iterations: Optional[int] = None,
+    parallel: int = 1,
+    steps: Sequence[str] = STEP_KINDS,
+    overrides: Optional[Dict[str, Any]] = None,
 ) -> Dict[str, Any]:
     """Run (or resume) a benchmark and write ``results.json``, ``results.md`` and the plots under ``out``.
 
@@ -362,13 +369,45 @@ def benchmark(
         amp: mixed precision where the device has it (the bundles' default); False trains and evaluates in fp32.
         seeds: fine-tuning seeds per (method, label count) (see :func:`plan_runs`); the report pairs runs of the
             same seed and, with several, the per-case means over seeds.
+        iterations: the training iterations of every fine-tuning / semi-supervised run instead of the profile's,
+            with the learning-rate step scaled to it (the paper's 2500 of 6000) and at least two checkpoints; the
+            schedule to fit a time budget (pre-trainings keep the profile's).
+        parallel: runs trained side by side (one GPU shared by several runs, or spare CPU cores); every run's
+            steps stay in order and pre-trainings finish before the runs that start from them.
+        steps: the step kinds to run (``pretrain``, ``train``, ``evaluate``); e.g. ``("pretrain", "train")`` on a
+            lent GPU, then the default on another machine to evaluate the weights brought back (each done step
+            leaves ``<kind>.done.json`` in its run's folder and is not run again).
+        overrides: bundle overrides for every training and evaluation step on top of the profile's (e.g.
+            ``{"patch_size": [32, 32, 32], "sw_stride": [16, 16, 16]}`` to smoke-test a GPU profile on a CPU).
 
     Raises:
-        ValueError: unknown profile or method, or a label count larger than the training set.
+        ValueError: unknown profile, method or step kind, a label count larger than the training set, or
+            ``iterations`` / ``parallel`` below 1.
+        RuntimeError: a run failed; the others still ran (side by side) and the report holds them.
     """
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose from {sorted(PROFILES)}.")
     prof = PROFILES[profile]
+    kinds = [k.strip() for k in ([steps] if isinstance(steps, str) else steps)]
+    if not kinds or any(k not in STEP_KINDS for k in kinds):
+        raise ValueError(f"steps: expected some of {list(STEP_KINDS)}, got {list(kinds)}.")
+    if int(parallel) < 1:
+        raise ValueError(f"parallel must be >= 1, got {parallel}.")
+    parallel = int(parallel)
+    if iterations is not None:
+        n = int(iterations)
+        if n < 1:
+            raise ValueError(f"iterations must be >= 1, got {iterations}.")
+        save = max(1, min(int(prof.train.get("save_interval", n)), n // 2))
+        prof = replace(
+            prof,
+            description=f"{prof.description}; training shortened to {n} iterations (lr x0.1 every {_lr_step(n)})",
+            train={**prof.train, "max_iterations": n, "lr_step": _lr_step(n), "save_interval": save},
+        )
+    if overrides:
+        if not isinstance(overrides, dict):
+            raise ValueError(f"overrides: expected a dict of bundle config keys, got {overrides!r}.")
+        prof = replace(prof, train={**prof.train, **overrides}, evaluate={**prof.evaluate, **overrides})
     if not amp:  # every step of every run in fp32
         prof = replace(
             prof,
@@ -394,23 +433,48 @@ def benchmark(
             f"labels {labels} must be between 1 and {n_train - 1} (the split has {n_train} training cases)."
         )
     runs = plan_runs(prof, list(methods), labels, n_train if upper_bound else None, data_dir, out, seeds)
-    for run in runs:
-        done = Path(run["dir"]) / "done.json"
-        if done.is_file():
-            run.update(json.loads(done.read_text()))
-            continue
-        seconds = {}
-        for step in run["steps"]:
-            seconds[step["kind"]] = _run_step(
-                run["bundle"], step, Path(run["dir"]) / f"{step['kind']}.log", bundles_dir
-            )
-        record = {"seconds": seconds}
-        write_json(record, done)
-        _drop_resume_checkpoints(run)
-        run.update(record)
+    # the pre-trainings first (the runs that start from them need their weights), then the rest, `parallel` at a time
+    failures = []
+    for group in ([r for r in runs if r["labels"] == 0], [r for r in runs if r["labels"] != 0]):
+        with ThreadPoolExecutor(max_workers=parallel) as pool:
+            futures = {pool.submit(_execute_run, run, kinds, bundles_dir): run for run in group}
+        for future, run in futures.items():
+            if future.exception() is not None:
+                failures.append(f"{run['name']}: {future.exception()}")
+        if failures:
+            break
     results = summarise(runs, prof)
     write_report(results, out)
+    if failures:
+        raise RuntimeError("benchmark runs failed (the report holds the others):\n" + "\n".join(failures))
     return results
+
+
+def _execute_run(run: Dict[str, Any], kinds: Sequence[str], bundles_dir: Optional[str]) -> None:
+    """Run the steps of one run whose kind is in ``kinds``, in order, skipping those already done (each done step
+    leaves ``<kind>.done.json`` with its seconds; a run with every step done leaves ``done.json``). A step of
+    another kind that is not done yet ends the run here: the steps after it need its output. A finished training
+    drops its resume checkpoints."""
+    d = Path(run["dir"])
+    if (d / "done.json").is_file():
+        run.update(json.loads((d / "done.json").read_text()))
+        return
+    seconds = {}
+    for step in run["steps"]:
+        kind = step["kind"]
+        marker = d / f"{kind}.done.json"
+        if marker.is_file():
+            seconds[kind] = json.loads(marker.read_text())["seconds"]
+            continue
+        if kind not in kinds:
+            break
+        seconds[kind] = _run_step(run["bundle"], step, d / f"{kind}.log", bundles_dir)
+        write_json({"seconds": seconds[kind]}, marker)
+        if kind in ("train", "pretrain"):
+            _drop_resume_checkpoints(run)
+    run["seconds"] = seconds
+    if len(seconds) == len(run["steps"]):
+        write_json({"seconds": seconds}, d / "done.json")
 
 
 def summarise(runs: List[Dict[str, Any]], profile: Profile) -> Dict[str, Any]:
@@ -447,22 +511,20 @@ def write_report(results: Dict[str, Any], out: Path) -> None:
         results["profile"]["description"],
         "",
         "| method | labeled | Dice % | Jaccard % | 95HD (vox) | ASD (vox) | empty preds | s / iteration | "
-        "train min |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "train min | Dice % (largest component) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in sorted(runs, key=lambda r: (r["labels"], r["method"], r.get("seed", 1))):
         s = r["summary"]
         r = {**r, "method": _label(r)}
         pct = lambda m: f"{100 * s[m]['mean']:.2f} ± {100 * s[m]['std']:.2f}"  # noqa: E731
         dist = lambda m: f"{s[m]['mean']:.2f} ± {s[m]['std']:.2f}"  # noqa: E731
-        spi = f"{r['seconds_per_iteration']:.2f}" if r["seconds_per_iteration"] else "-"
+        spi = f"{r['seconds_per_iteration']:.3f}" if r["seconds_per_iteration"] else "-"
         train = r["seconds"].get("train")
         lines.append(
             f"| {r['method']} | {r['labels']} | {pct('dice')} | {pct('jaccard')} | {dist('hd95')} | "
-            f"{dist('asd')} | {s['hd95']['n_nan']} | {spi} | {train / 60:.1f} |"
-            if train
-            else f"| {r['method']} | {r['labels']} | {pct('dice')} | {pct('jaccard')} | {dist('hd95')} | "
-            f"{dist('asd')} | {s['hd95']['n_nan']} | {spi} | - |"
+            f"{dist('asd')} | {s['hd95']['n_nan']} | {spi} | {f'{train / 60:.1f}' if train else '-'} | "
+            f"{pct('dice_lcc') if 'dice_lcc' in s else '-'} |"
         )
     for pre in results["runs"]:
         if pre["labels"] == 0 and pre["seconds"]:

@@ -15,6 +15,7 @@ Commands:
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -73,6 +74,18 @@ def demo(
     )
 
 
+def _json_object(text: str, name: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(
+            f"{name}: expected a JSON object, e.g. '{{\"patch_size\": [32, 32, 32]}}'; got {text!r} ({e})."
+        )
+    if not isinstance(value, dict):
+        raise ValueError(f"{name}: expected a JSON object of bundle config keys, got {text!r}.")
+    return value
+
+
 def benchmark(
     dataset_dir: str = None,
     profile: str = "smoke",
@@ -83,9 +96,16 @@ def benchmark(
     bundles_dir: str = None,
     amp: bool = True,
     seeds: int = 1,
+    iterations: int = None,
+    parallel: int = 1,
+    steps: str = "pretrain,train,evaluate",
+    overrides=None,
 ) -> str:
     """Label-efficiency benchmark: each method at each label count vs the supervised baseline (see medssl.benchmark);
-    writes results.json, results.md and PNG plots under ``out``; re-run to resume."""
+    writes results.json, results.md and PNG plots under ``out``; re-run to resume. ``--iterations N`` shortens every
+    training (lr step scaled), ``--parallel K`` trains K runs side by side, ``--steps pretrain,train`` stops before
+    evaluating (evaluate later, elsewhere, with the default), ``--overrides '{"patch_size": [32, 32, 32]}'`` adds
+    bundle overrides to every training and evaluation."""
     from medssl.benchmark import benchmark as _benchmark
 
     labels = [int(x) for x in str(labels).strip("()[]").split(",") if x.strip()] if labels is not None else None
@@ -100,6 +120,10 @@ def benchmark(
         bundles_dir=bundles_dir,
         amp=as_bool(amp, "amp"),
         seeds=int(seeds),
+        iterations=None if iterations is None else int(iterations),
+        parallel=int(parallel),
+        steps=[k.strip() for k in (steps.split(",") if isinstance(steps, str) else steps) if k.strip()],
+        overrides=_json_object(overrides, "overrides") if isinstance(overrides, str) else overrides,
     )
     return str(Path(out) / "results.md")
 
