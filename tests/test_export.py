@@ -195,7 +195,7 @@ def test_segment_openvino_runtimes_on_a_scanner_units_flipped_case(seg_bundle, l
     for runtime, img in outs.items():
         assert img.shape == src.shape and np.allclose(img.affine, src.affine, atol=1e-4), runtime
         got = np.asarray(img.dataobj) > 0
-        agreement[runtime] = 2 * (got & ref).sum() / (got.sum() + ref.sum())
+        agreement[runtime] = float(2 * (got & ref).sum() / (got.sum() + ref.sum()))  # plain floats: xdist sends them
     record_property("openvino_agreement_with_torch", agreement)
     print("label agreement with the PyTorch output:", agreement)
     assert min(agreement.values()) >= 0.99, agreement
