@@ -1,4 +1,4 @@
-"""The DICOM path against the NIfTI path: each LA case written as a classic MR series (``medssl.dicom.nifti_to_series``)
+"""The DICOM path against the NIfTI path: each LA case written as a classic MR series (``medssl.clinic.dicom.nifti_to_series``)
 and segmented through ``segment``'s DICOM path, compared with the same case segmented from its NIfTI file.
 
     python benchmarks/dicom_parity.py --dataset_dir ../shared/data/la --rows 60-79 --out benchmarks/results/dicom_parity
@@ -21,9 +21,9 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from medssl.dicom import nifti_to_series, read_seg, read_series
+from medssl.clinic.dicom import nifti_to_series, read_seg, read_series
 from medssl.metrics import dice
-from medssl.segment import Segmenter
+from medssl.clinic.segment import Segmenter
 
 
 def cpu_name() -> str:

@@ -25,7 +25,7 @@ from pathlib import Path
 import fire
 import numpy as np
 
-from medssl.benchmark import override_args
+from medssl.lab.benchmark import override_args
 from medssl.bundle import bundle_path
 from medssl.data import atomic_path, load_datalist, write_json
 from medssl.geometry import VARIANTS, write_variant

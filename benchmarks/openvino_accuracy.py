@@ -168,10 +168,10 @@ def main() -> None:
 
 
 def write_bundle_record(result: dict, target: str, source: str, int8_record: str = None) -> None:
-    """The bundle's runtime accuracy record (``medssl.runtime_choice.write_accuracy_record``) from a run's result
+    """The bundle's runtime accuracy record (``medssl.clinic.runtime_choice.write_accuracy_record``) from a run's result
     (``int8_record``: the calibration record the int8 figures were measured with; its sha256 is kept)."""
     from medssl.export import file_sha256
-    from medssl.runtime_choice import write_accuracy_record
+    from medssl.clinic.runtime_choice import write_accuracy_record
 
     if "openvino-int8" in result["summary"] and not int8_record:
         raise SystemExit(

@@ -55,7 +55,7 @@ def bundle_root(path: Optional[str]) -> Path:
     if path:
         return Path(path).resolve()
     from medssl.bundle import default_index
-    from medssl.release import pull
+    from medssl.clinic.release import pull
 
     cache = Path(tempfile.gettempdir()) / "medssl-openvino-bench"
     return pull("la_seg_finetune", bundle_dir=str(cache), index=default_index(), torchscript=False)

@@ -1,5 +1,5 @@
 """Seconds per training iteration: the la_seg_finetune bundle vs a bare PyTorch loop at the same patch and batch,
-in each precision mode side by side (``medssl.speed.MODES``: fp32 = ``--amp false``, amp = the default, bf16 on a
+in each precision mode side by side (``medssl.lab.speed.MODES``: fp32 = ``--amp false``, amp = the default, bf16 on a
 CPU with native bf16; fp32_contiguous = fp32 without channels-last).
 
 The bundle's iteration includes everything a user pays for (data loading and augmentation, the ignite engine,
@@ -24,7 +24,7 @@ from monai.bundle import ConfigWorkflow
 
 from medssl.bundle import bundle_path
 from medssl.runtime import tune_cpu_allocator
-from medssl.speed import MODES, bare_iteration_seconds
+from medssl.lab.speed import MODES, bare_iteration_seconds
 
 
 def bundle_seconds(dataset_dir, patch_size, batch_size, warmup, iterations, num_workers, num_labeled, tuning=True,

@@ -15,7 +15,7 @@ from helpers import REPO, TINY, bundle_cmd, configs
 
 from medssl.data import DataError, check_headers, write_dev_split, write_nifti
 from medssl.networks import VNet
-from medssl.sample_data import sample_data
+from medssl.lab.sample_data import sample_data
 from medssl.transforms import CheckVolumed, LoadVolumed
 
 AFFINE = np.diag([0.625, 0.625, 0.625, 1.0])

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from helpers import REPO
 
-from medssl.benchmark import PROFILES, paired_comparisons, parse_training_log, plan_runs, pool_seeds
+from medssl.lab.benchmark import PROFILES, paired_comparisons, parse_training_log, plan_runs, pool_seeds
 from medssl.precision import cpu_bf16_support
 
 
@@ -187,7 +187,7 @@ def test_smoke_profile_end_to_end_and_resume(tmp_path):
 
 def test_speed_command_small(tmp_path):
     """`python -m medssl speed` on the sample set with tiny patches: every figure present and positive."""
-    from medssl.sample_data import sample_data
+    from medssl.lab.sample_data import sample_data
 
     data = sample_data(tmp_path / "data", num_cases=5, shape=(48, 48, 32), num_test=1)
     out = tmp_path / "speed"

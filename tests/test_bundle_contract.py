@@ -15,7 +15,7 @@ from helpers import BUNDLES, TINY, bundle_cmd, configs
 from medssl.metrics import case_metrics
 from medssl.precision import cpu_bf16_support
 from medssl.networks import VNet
-from medssl.sample_data import sample_data
+from medssl.lab.sample_data import sample_data
 
 TRAINABLE = ["la_seg_finetune", "cvrl_semisup", "simcvd_distill"]
 PRETRAINING = ["pcrl_pretrain", "spark_pretrain"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from helpers import BUNDLES, TINY, bundle_cmd, configs, real_subset
 from medssl.networks import VNet
-from medssl.sample_data import sample_data
+from medssl.lab.sample_data import sample_data
 
 NAME = "la_seg_finetune"
 META = BUNDLES / NAME / "configs" / "metadata.json"

@@ -10,7 +10,7 @@ import torch
 from helpers import BUNDLES, bundle_cmd, configs
 
 from medssl.networks import VNet
-from medssl.sample_data import sample_data
+from medssl.lab.sample_data import sample_data
 
 NAME = "pcrl_pretrain"
 SMALL = ["--patch_size", "[32,32,32]", "--num_workers", "0", "--batch_size", "2", "--queue_size", "64"]

@@ -5,7 +5,7 @@ import torch
 from helpers import TINY, bundle_cmd, configs
 
 from medssl.networks import VNet
-from medssl.sample_data import sample_data
+from medssl.lab.sample_data import sample_data
 
 NAME = "simcvd_distill"
 

@@ -10,7 +10,7 @@ import torch
 from helpers import bundle_cmd, configs
 
 from medssl.networks import VNet, load_pretrained
-from medssl.sample_data import sample_data
+from medssl.lab.sample_data import sample_data
 
 NAME = "spark_pretrain"
 SMALL = ["--patch_size", "[32,32,32]", "--num_workers", "0", "--batch_size", "2"]

@@ -14,7 +14,7 @@ import pydicom
 import pytest
 from helpers import REPO
 
-from medssl.dicom import nifti_to_series, read_seg, read_series
+from medssl.clinic.dicom import nifti_to_series, read_seg, read_series
 from medssl.metrics import dice
 
 DEPLOY_PYTHON = os.environ.get("MEDSSL_DEPLOY_PYTHON", str(REPO / ".venv-deploy" / "bin" / "python"))
@@ -26,7 +26,7 @@ ROW = 2  # a training case of the release (not one of the dev cases 61-80): the 
     reason=f"no MONAI Deploy environment at {DEPLOY_PYTHON}: bash apps/deploy/make_env.sh",
 )
 def test_deploy_app_writes_the_seg_that_segment_writes(la_dir, tmp_path, monkeypatch):
-    from medssl.segment import segment
+    from medssl.clinic.segment import segment
 
     case = (la_dir / "train.list").read_text().split()[ROW]
     series = tmp_path / "study" / case

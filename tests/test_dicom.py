@@ -16,9 +16,9 @@ import numpy as np
 import pydicom
 import pytest
 
-from medssl.dicom import LPS_TO_RAS, DicomError, nifti_to_series, read_seg, read_series, write_series
+from medssl.clinic.dicom import LPS_TO_RAS, DicomError, nifti_to_series, read_seg, read_series, write_series
 from medssl.metrics import dice
-from medssl.segment import Segmenter
+from medssl.clinic.segment import Segmenter
 
 CASE_ROW = 0  # a training case of the release: these tests check geometry, not accuracy
 

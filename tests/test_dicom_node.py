@@ -1,6 +1,6 @@
 """The DICOM node (``python -m medssl dicom_node``) against a real Orthanc PACS and real LA scans.
 
-Round trip: LA cases written as MR series (``medssl.dicom.write_series``) are uploaded to Orthanc, Orthanc C-STOREs
+Round trip: LA cases written as MR series (``medssl.clinic.dicom.write_series``) are uploaded to Orthanc, Orthanc C-STOREs
 a study to the node (a real subprocess, so kills and restarts are real), and the DICOM SEG the node sends back must
 land in the same study, decode with highdicom and pydicom, lie on the source grid (checked from its own plane
 positions) and match the case's label (Dice > 0.85: the release was trained on these cases, so this checks
@@ -31,8 +31,8 @@ import pytest
 from helpers import REPO
 from orthanc import Orthanc, free_port, stop_process, wait_until
 
-from medssl.dicom import MR_IMAGE_STORAGE as MR
-from medssl.dicom_node import DicomNode, parse_destination, send_file
+from medssl.clinic.dicom import MR_IMAGE_STORAGE as MR
+from medssl.clinic.dicom_node import DicomNode, parse_destination, send_file
 from medssl.metrics import dice
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -200,7 +200,7 @@ def pacs(orthanc_server):
 def la_series(la_dir, module_tmp):
     """``NUM_CASES`` LA training cases as MR series: [{case, image, label, folder, files, study_uid, series_uid}]."""
     import nibabel as nib
-    from medssl.dicom import write_series
+    from medssl.clinic.dicom import write_series
 
     cases = [c.strip() for c in (la_dir / "train.list").read_text().split() if c.strip()][:NUM_CASES]
     root = module_tmp("la_dicom")
@@ -272,7 +272,7 @@ class Collector:
 
 
 def small_series(folder: Path, slices: int = 4, **kw) -> list:
-    from medssl.dicom import write_series
+    from medssl.clinic.dicom import write_series
 
     rng = np.random.default_rng(0)
     return write_series(rng.integers(0, 100, (8, 8, slices)).astype(np.int16), np.eye(4), folder, **kw)
@@ -318,7 +318,7 @@ def test_node_queue_bound_refusals_and_unsent(tmp_path, caplog):
     collector = Collector()
     gate = threading.Event()
     series = [small_series(tmp_path / f"s{i}", study_uid=f"1.2.3.{i}") for i in range(4)]
-    caplog.set_level("INFO", logger="medssl.dicom_node")
+    caplog.set_level("INFO", logger="medssl.clinic.dicom_node")
     node = DicomNode(
         tmp_path / "work", port=0, destination=("COLLECT", "127.0.0.1", collector.port), quiet_seconds=30,
         max_queue=1, process=fake_process(gate),
@@ -419,7 +419,7 @@ def test_node_recovers_what_a_crash_left(tmp_path):
 
 def test_send_file_reports_an_unreachable_destination(tmp_path):
     files = small_series(tmp_path / "s", slices=2)
-    from medssl.dicom_node import SendError
+    from medssl.clinic.dicom_node import SendError
 
     with pytest.raises(SendError, match=r"not stored at X@127\.0\.0\.1"):
         send_file(files[0], ("X", "127.0.0.1", free_port()), retries=1)
@@ -457,7 +457,7 @@ def test_round_trip(pacs, uploaded, node, module_tmp):
     pixels = seg.get_pixels_by_source_instance(source_sop_instance_uids=uids, combine_segments=True)
     assert np.array_equal(np.asarray(pixels).transpose(2, 1, 0), mask)
 
-    from medssl.segment import Segmenter
+    from medssl.clinic.segment import Segmenter
 
     with Segmenter(device="cpu", progress=False) as segmenter:
         [own] = segmenter.segment([case["folder"]], out=module_tmp("own"), output_type="nifti")

@@ -15,7 +15,7 @@ import torch
 from helpers import REPO
 
 from medssl import export
-from medssl.release import pull
+from medssl.clinic.release import pull
 
 INDEX = json.loads((REPO / "bundle_index.json").read_text())
 SEG_KEY = max(
@@ -108,7 +108,7 @@ def test_stale_artefacts_are_rebuilt_never_used(seg_bundle, la_case, tmp_path):
 
 
 def test_runtime_choices_are_checked_before_anything_loads(tmp_path):
-    from medssl.segment import segment
+    from medssl.clinic.segment import segment
 
     with pytest.raises(ValueError, match="model_format: expected one of pt, ts, pt2; got 'onnx'"):
         segment([tmp_path / "missing.nii.gz"], bundle=str(tmp_path / "no_bundle"), model_format="onnx")

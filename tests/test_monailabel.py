@@ -1,6 +1,6 @@
 """The MONAI Label app (apps/monailabel) served for real: ``monailabel start_server`` on 127.0.0.1 with a
 datastore of sample volumes (2 labeled, 2 not), then /info, /infer, bad requests and /train over HTTP; the request
-checks of :mod:`medssl.label` on their own. The app on a PACS (DICOMweb): tests/test_monailabel_pacs.py.
+checks of :mod:`medssl.clinic.label` on their own. The app on a PACS (DICOMweb): tests/test_monailabel_pacs.py.
 
 MONAI Label pins its own dependency set (torchvision and a CUDA build of torch), so it lives in its own
 environment, ``.venv-label`` (the README's test command creates it; ``MEDSSL_LABEL_PYTHON`` may point at
@@ -26,7 +26,7 @@ import pytest
 import torch
 from helpers import BUNDLES, REPO, TINY, bundle_cmd, configs
 
-from medssl.label import (
+from medssl.clinic.label import (
     RequestError,
     check_image_upload,
     check_name,
@@ -38,8 +38,8 @@ from medssl.label import (
     write_datastore_split,
 )
 from medssl.networks import VNet
-from medssl.release import ReleaseError, package
-from medssl.sample_data import sample_data
+from medssl.clinic.release import ReleaseError, package
+from medssl.lab.sample_data import sample_data
 
 LABEL_PYTHON = Path(os.environ.get("MEDSSL_LABEL_PYTHON", REPO / ".venv-label" / "bin" / "python"))
 needs_label_env = pytest.mark.skipif(

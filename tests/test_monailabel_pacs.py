@@ -21,7 +21,7 @@ import pytest
 from helpers import REPO
 from test_monailabel import LABEL_PYTHON, _call, _detail, _start_server, _stop_server
 
-from medssl.dicom import nifti_to_series, read_seg, read_series
+from medssl.clinic.dicom import nifti_to_series, read_seg, read_series
 from medssl.metrics import dice
 
 pytestmark = pytest.mark.skipif(

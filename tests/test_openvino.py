@@ -19,7 +19,7 @@ pytest.importorskip("nncf", reason='NNCF is an optional extra: pip install -e ".
 from medssl import openvino as mov  # noqa: E402
 from medssl.export import eager_network  # noqa: E402
 from medssl.metrics import dice  # noqa: E402
-from medssl.release import pull  # noqa: E402
+from medssl.clinic.release import pull  # noqa: E402
 
 CALIBRATION_CASES = (2, 31)  # training cases of the dev split
 AGREEMENT_CASES = (12, 47)  # two other training cases

@@ -157,7 +157,7 @@ def test_bf16_training_step_keeps_fp32_weights_and_a_finite_fp32_loss():
 def test_bundle_amp_default_and_amp_false(tmp_path):
     """la_seg_finetune on the sample set: the default is bf16 where the CPU has it (named in the log), ``--amp
     false`` is fp32 without MONAI's CUDA AMP path (no GradScaler/autocast warnings); weights on disk are fp32."""
-    from medssl.sample_data import sample_data
+    from medssl.lab.sample_data import sample_data
 
     data = sample_data(tmp_path / "data", num_cases=4, shape=(40, 40, 32), num_test=1)
     logs = {}

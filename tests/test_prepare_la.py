@@ -10,7 +10,7 @@ import nrrd
 import numpy as np
 import pytest
 from medssl.data import DataError, labeled_list
-from medssl.prepare_la import (
+from medssl.lab.prepare_la import (
     TRAINING_SET_DIR,
     UAMT_TEST_IDS,
     UAMT_TRAIN_IDS,
@@ -50,7 +50,7 @@ def test_test_ids():
 
 def test_h5_release(la_h5_dir, tmp_path, caplog):
     out = tmp_path / "la"
-    with caplog.at_level(logging.INFO, logger="medssl.prepare_la"):
+    with caplog.at_level(logging.INFO, logger="medssl.lab.prepare_la"):
         assert prepare_la(la_h5_dir, out) == out
     assert "78 of 80 train IDs" in caplog.text and "20 of 20 test IDs" in caplog.text
     assert "2 converted, 0 already complete" in caplog.text
@@ -83,7 +83,7 @@ def test_h5_release(la_h5_dir, tmp_path, caplog):
     files = sorted(out.rglob("*.nii.gz")) + [out / "dataset.json"]
     before = {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in files}
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="medssl.prepare_la"):
+    with caplog.at_level(logging.INFO, logger="medssl.lab.prepare_la"):
         prepare_la(la_h5_dir, out)
     assert "0 converted, 2 already complete" in caplog.text
     assert {p: (p.stat().st_mtime_ns, p.stat().st_ino) for p in files} == before
@@ -113,7 +113,7 @@ def test_split_lists_and_unlisted_cases(tmp_path, caplog):
     (src / "train.list").write_text("CCC\nAAA\nZZZ\n")
     (src / "test.list").write_text("BBB\n")
     assert read_split(src, src / TRAINING_SET_DIR)[:2] == (["CCC", "AAA", "ZZZ"], ["BBB"])
-    with caplog.at_level(logging.WARNING, logger="medssl.prepare_la"):
+    with caplog.at_level(logging.WARNING, logger="medssl.lab.prepare_la"):
         prepare_la(src, tmp_path / "out")
     assert "1 of 3 train IDs" in caplog.text and "1 cases in src are in no list" in caplog.text
     datalist = json.loads((tmp_path / "out" / "dataset.json").read_text())

@@ -18,8 +18,8 @@ import torch
 from helpers import REPO
 
 from medssl.networks import PCRLNet, VNet
-from medssl.release import ReleaseError, package, pull
-from medssl.sample_data import sample_data
+from medssl.clinic.release import ReleaseError, package, pull
+from medssl.lab.sample_data import sample_data
 
 BUNDLES = {"la_seg_finetune": VNet, "cvrl_semisup": VNet, "simcvd_distill": VNet, "pcrl_pretrain": PCRLNet}
 VERSION = {n: json.loads((REPO / "bundles" / n / "configs" / "metadata.json").read_text())["version"] for n in BUNDLES}

@@ -16,7 +16,7 @@ import pytest
 import torch
 from helpers import REPO, bundle_cmd
 
-from medssl.release import ReleaseError, pull
+from medssl.clinic.release import ReleaseError, pull
 
 INDEX = json.loads((REPO / "bundle_index.json").read_text())
 RELEASES = sorted(INDEX)

@@ -1,4 +1,4 @@
-"""``runtime auto`` (medssl.runtime_choice): which runtimes a bundle offers (the release's accuracy record, for its
+"""``runtime auto`` (medssl.clinic.runtime_choice): which runtimes a bundle offers (the release's accuracy record, for its
 weights), the decision on measured times and agreements, and the real probe on the released la_seg_finetune:
 cached per machine, used by ``segment``, reported in ``statistics.json``, never for weights it was not measured on."""
 
@@ -12,8 +12,8 @@ import pytest
 import torch
 from helpers import REPO
 
-from medssl import runtime_choice as rc
-from medssl.release import pull
+from medssl.clinic import runtime_choice as rc
+from medssl.clinic.release import pull
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +127,7 @@ def test_accuracy_record_is_written_from_a_benchmark_summary(tmp_path):
 
 
 def test_auto_probes_once_then_segment_runs_the_choice(released, la_dir, tmp_path, monkeypatch, record_property):
-    from medssl.segment import Segmenter, segment
+    from medssl.clinic.segment import Segmenter, segment
 
     monkeypatch.setenv("MEDSSL_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("MEDSSL_RUNTIME", raising=False)
@@ -165,7 +165,7 @@ def test_auto_probes_once_then_segment_runs_the_choice(released, la_dir, tmp_pat
 
 
 def test_auto_refuses_exported_formats_and_env_picks_the_default(released, monkeypatch):
-    from medssl.segment import Segmenter
+    from medssl.clinic.segment import Segmenter
 
     with pytest.raises(ValueError, match="name runtime 'torch' with it"):
         Segmenter(released, runtime="auto", model_format="pt2")

@@ -7,7 +7,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from medssl.data import eval_list, labeled_list
-from medssl.sample_data import parse_shape, sample_data, synthesize_case
+from medssl.lab.sample_data import parse_shape, sample_data, synthesize_case
 from scipy import ndimage
 
 SHAPE = (48, 40, 32)

@@ -16,7 +16,7 @@ from helpers import REPO, bundle_cmd
 from medssl.data import DataError, write_nifti
 from medssl.geometry import write_variant
 from medssl.metrics import dice
-from medssl.segment import collect_inputs, segment, segmentation_volume_ml
+from medssl.clinic.segment import collect_inputs, segment, segmentation_volume_ml
 
 CASES = (60, 61)  # 0-based rows of train.list: dev test cases 61 and 62
 

@@ -66,7 +66,7 @@ def test_data_license_names_the_data_its_terms_and_citations(name):
     assert LA_CHALLENGE_PAPER in text and "Medical Image Analysis 67" in text and "10.1016/j.media.2020.101832" in text
     assert "github.com/yulequan/UA-MT" in text and UAMT_PAPER in text and "arXiv:1907.07034" in text
     # the project's synthetic data, and the statement of what is not known
-    assert "medssl.sample_data" in text and "Apache License 2.0" in text
+    assert "medssl.lab.sample_data" in text and "Apache License 2.0" in text
     assert "What is not known" in text
     # the README says where the data's terms are
     assert "docs/data_license.txt" in bundle_text(name, "docs/README.md")

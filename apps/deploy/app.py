@@ -71,7 +71,7 @@ def bundle_folder(model_path) -> Path:
     if model_path and (Path(model_path) / "configs" / "inference.json").is_file():
         return Path(model_path).resolve()
     from medssl.bundle import cache_dir, default_index
-    from medssl.release import pull
+    from medssl.clinic.release import pull
 
     return Path(pull(BUNDLE, bundle_dir=str(cache_dir() / "bundles"), index=default_index())).resolve()
 

@@ -10,11 +10,11 @@ Start it with::
 ``<app>/model/<name>/`` (copied from the checkout's bundles, ``--conf bundles DIR``, or pulled by name with
 ``--conf bundle_index PATH_OR_URL``, checksum verified).
 
-Auto-segmentation runs the bundle's ``inference.json`` through :class:`medssl.segment.Segmenter`, the code of
+Auto-segmentation runs the bundle's ``inference.json`` through :class:`medssl.clinic.segment.Segmenter`, the code of
 ``python -m medssl segment``: the same precision, memory layout and threads, the label map in the input's geometry,
 and the weights read from ``models/model.pt`` at each request (a finished training is used by the next one).
 ``--conf runtime auto|torch|openvino|openvino-int8`` (default ``auto``, or ``$MEDSSL_RUNTIME``: the fastest runtime that
-keeps the release's label maps on this CPU, see :mod:`medssl.runtime_choice`; weights trained here have no accuracy
+keeps the release's label maps on this CPU, see :mod:`medssl.clinic.runtime_choice`; weights trained here have no accuracy
 record, so ``auto`` runs them in PyTorch) and ``--conf model_format pt|ts|pt2`` choose what runs; ``/infer`` reports it.
 Training (``/train/<name>``) runs the bundle's ``train.json`` on the datastore's labeled images; the semi-supervised
 bundles (cvrl_semisup, simcvd_distill) also train on the images that have no label yet. Each training run gets its
@@ -23,13 +23,13 @@ replace ``models/model.pt`` in one atomic step.
 
 On a PACS (DICOMweb) the images are the series that match ``--conf dicomweb_filter`` (default ``{"Modality": "MR"}``),
 their ids the SeriesInstanceUIDs. A series is downloaded once into the cache (``--conf dicomweb_cache DIR``, default
-MONAI Label's ``~/.cache/monailabel/dicom``) and read by :mod:`medssl.dicom` (the reader of ``segment``); a saved
-final label is stored in the PACS as a DICOM SEG of that series written by :func:`medssl.dicom.write_seg`
+MONAI Label's ``~/.cache/monailabel/dicom``) and read by :mod:`medssl.clinic.dicom` (the reader of ``segment``); a saved
+final label is stored in the PACS as a DICOM SEG of that series written by :func:`medssl.clinic.dicom.write_seg`
 (SEMIAUTOMATIC, the served bundle as the algorithm), and SEGs that people saved (not the AUTOMATIC ones of a DICOM
 node) are the labels training reads back. Nothing calls dcmqi: MONAI Label 0.8.5 would download it from GitHub at
 start-up and convert with it; here the DICOM SEG of ``/infer?output=dicom_seg`` is medssl's too.
 
-Requests are checked before anything changes (:mod:`medssl.label`): an image id the datastore does not hold is a 404,
+Requests are checked before anything changes (:mod:`medssl.clinic.label`): an image id the datastore does not hold is a 404,
 a path outside the datastore in any field or a malformed id or tag a 400, an upload that is not a readable 3D NIfTI
 volume, a label of another shape or affine than its image or with values that are not the served labels a 422,
 each with the reason as its ``detail``; files and the datastore's index are written atomically.
@@ -67,7 +67,7 @@ from monailabel.utils.others.generic import strtobool
 
 import monai.bundle
 from medssl.data import DataError, atomic_path, check_headers, data_error_message, write_nifti
-from medssl.label import (
+from medssl.clinic.label import (
     SEMI_SUPERVISED,
     SERVED_BUNDLES,
     RequestError,
@@ -324,8 +324,8 @@ class MedsslDicomWebDatastore(CheckedDatastore, DICOMWebDatastore):
     """MONAI Label's DICOMweb datastore, converting with medssl instead of SimpleITK, pydicom-seg and dcmqi.
 
     Images are the series the search filter finds (ids: SeriesInstanceUIDs); each is downloaded once into the cache
-    (``<cache>/<uid>/``, then ``<uid>.nii`` read by :func:`medssl.label.series_to_nifti`). A saved final label goes to
-    the PACS as a DICOM SEG of its series (:func:`medssl.label.label_to_seg`) and into the cache; labels that other
+    (``<cache>/<uid>/``, then ``<uid>.nii`` read by :func:`medssl.clinic.label.series_to_nifti`). A saved final label goes to
+    the PACS as a DICOM SEG of its series (:func:`medssl.clinic.label.label_to_seg`) and into the cache; labels that other
     annotators saved in the PACS (SEGs whose segments are MANUAL or SEMIAUTOMATIC; the newest per series) are fetched
     when training asks for the labeled images. Uploading or deleting images is the PACS's business: refused (405).
     """
@@ -532,7 +532,7 @@ def _seg_reference(metadata: List[Dict[str, Any]]) -> Optional[Dict[str, str]]:
 
 
 class MedsslInferTask(BundleInferTask):
-    """The bundle's inference.json as MONAI Label's auto-segmentation, run by :class:`medssl.segment.Segmenter`:
+    """The bundle's inference.json as MONAI Label's auto-segmentation, run by :class:`medssl.clinic.segment.Segmenter`:
     the bundle's own evaluator with its precision (bf16 on a CPU with native bf16), channels-last layout and
     ``prob_network``, the label map in the input's shape and affine, and ``models/model.pt`` read at each request.
     One request at a time per model (the server answers them in turn)."""
@@ -544,9 +544,9 @@ class MedsslInferTask(BundleInferTask):
         self._lock = threading.Lock()
 
     def _segmenter(self, device: Optional[str], digest: str):
-        from medssl.segment import Segmenter
+        from medssl.clinic.segment import Segmenter
 
-        from medssl.runtime_choice import default_runtime
+        from medssl.clinic.runtime_choice import default_runtime
 
         runtime = str(self._conf.get("runtime") or default_runtime())
         model_format = str(self._conf.get("model_format", "pt"))
@@ -737,7 +737,7 @@ class MedsslApp(MONAILabelApp):
         return MedsslDicomWebDatastore(client, search_filter, cache.strip(), self.label_names, algorithm)
 
     def _download_dcmqi_tools(self):
-        pass  # SEG is written by medssl.dicom (highdicom); nothing to download
+        pass  # SEG is written by medssl.clinic.dicom (highdicom); nothing to download
 
     def datastore_roots(self) -> List[str]:
         """The folders a request may name paths in: the datastore's (or the DICOMweb cache's) own."""

@@ -8,7 +8,7 @@ import warnings
 __version__ = "0.2.0"
 
 # With pydicom installed, MONAI's LoadImage builds its GPU DICOM reader on every call and warns that nvImageCodec (a
-# CUDA package) is absent; the bundles read NIfTI and medssl.dicom reads DICOM, so the warning only adds noise.
+# CUDA package) is absent; the bundles read NIfTI and medssl.clinic.dicom reads DICOM, so the warning only adds noise.
 warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin", category=UserWarning)
 
 # bundle configs use these

@@ -32,14 +32,14 @@ class ScansFailed(Exception):
 
 def prepare_la(src: str, out: str, overwrite: bool = False, seed: int = 0) -> str:
     """Convert the public LA release at ``src`` into NIfTI + dataset.json under ``out`` (safe to re-run)."""
-    from medssl.prepare_la import prepare_la as _prepare_la
+    from medssl.lab.prepare_la import prepare_la as _prepare_la
 
     return str(_prepare_la(src, out, overwrite=overwrite, seed=seed))
 
 
 def sample_data(out: str, num_cases: int = 6, shape: str = "96,96,64", seed: int = 0, num_test: int = 2) -> str:
     """Write the deterministic synthetic atrium-like sample set (NIfTI + dataset.json) under ``out``."""
-    from medssl.sample_data import sample_data as _sample_data
+    from medssl.lab.sample_data import sample_data as _sample_data
 
     return str(_sample_data(out, num_cases=num_cases, shape=shape, seed=seed, num_test=num_test))
 
@@ -62,7 +62,7 @@ def demo(
 ) -> None:
     """Sample data, a short la_seg_finetune training, evaluation, inference; prints metrics, writes demo.png; then
     the released la_seg_finetune segments a real LA scan (or --scan) and writes release/release.png."""
-    from medssl.demo import demo as _demo
+    from medssl.lab.demo import demo as _demo
 
     _demo(
         out=out,
@@ -101,12 +101,12 @@ def benchmark(
     steps: str = "pretrain,train,evaluate",
     overrides=None,
 ) -> str:
-    """Label-efficiency benchmark: each method at each label count vs the supervised baseline (see medssl.benchmark);
+    """Label-efficiency benchmark: each method at each label count vs the supervised baseline (see medssl.lab.benchmark);
     writes results.json, results.md and PNG plots under ``out``; re-run to resume. ``--iterations N`` shortens every
     training (lr step scaled), ``--parallel K`` trains K runs side by side, ``--steps pretrain,train`` stops before
     evaluating (evaluate later, elsewhere, with the default), ``--overrides '{"patch_size": [32, 32, 32]}'`` adds
     bundle overrides to every training and evaluation."""
-    from medssl.benchmark import benchmark as _benchmark
+    from medssl.lab.benchmark import benchmark as _benchmark
 
     labels = [int(x) for x in str(labels).strip("()[]").split(",") if x.strip()] if labels is not None else None
     methods = [m.strip() for m in (methods.split(",") if isinstance(methods, str) else methods) if m.strip()]
@@ -142,7 +142,7 @@ def package(
     it in bundle_index.json (sha1 + sha256 + source URL; --base_url "" records a path relative to the index);
     --half true stores the weights in float16, --torchscript false leaves model.ts to be exported at pull time;
     --record_in_bundle true writes the bundle's large_files.yml (weights' URLs and sha256) into its source folder."""
-    from medssl.release import package as _package
+    from medssl.clinic.release import package as _package
 
     return str(
         _package(
@@ -165,7 +165,7 @@ def pull(
     verify its sha256, extract safely to bundle_dir/NAME_vVERSION, and make models/model.ts and models/model.pt2 from
     models/model.pt (recorded in models/exports.json; --torchscript false skips them)."""
     from medssl.bundle import default_index
-    from medssl.release import pull as _pull
+    from medssl.clinic.release import pull as _pull
 
     return str(
         _pull(
@@ -202,8 +202,8 @@ def segment(
     eager network, models/model.ts or models/model.pt2; exports are made on first use and rebuilt when stale);
     default --runtime auto ($MEDSSL_RUNTIME): the fastest on this CPU that keeps the release's label maps (timed once
     per machine, cached in $MEDSSL_HOME/runtime_choice.json; torch for bundles without an accuracy record)."""
-    from medssl.segment import print_table
-    from medssl.segment import segment as _segment
+    from medssl.clinic.segment import print_table
+    from medssl.clinic.segment import segment as _segment
 
     results = _segment(
         list(scans),
@@ -245,9 +245,9 @@ def dicom_node(
 ) -> None:
     """Run a DICOM node (Storage SCP, C-ECHO) until Ctrl-C: each complete MR series received (association released,
     or --quiet_seconds without a new instance) is segmented and its DICOM SEG C-STOREd to --destination AET@HOST:PORT;
-    WORKDIR/incoming, done, failed keep every instance (see medssl.dicom_node). --runtime as for segment (default auto).
+    WORKDIR/incoming, done, failed keep every instance (see medssl.clinic.dicom_node). --runtime as for segment (default auto).
     """
-    from medssl.dicom_node import dicom_node as _dicom_node
+    from medssl.clinic.dicom_node import dicom_node as _dicom_node
 
     _dicom_node(
         workdir=workdir,
@@ -288,15 +288,15 @@ def speed(
     --runtimes torch,torch-fp32,ts,pt2,openvino,openvino-int8 instead compares the inference runtimes of --bundle (a
     released name, pulled, or a bundle folder) on the first --num_volumes native scans of the dataset's test list,
     each alone in its own process: seconds per scan, peak memory, Dice, agreement (runtimes.json, runtimes.md)."""
-    from medssl.speed import runtime_seconds
-    from medssl.speed import speed as _speed
+    from medssl.lab.speed import runtime_seconds
+    from medssl.lab.speed import speed as _speed
 
     def names(value):
         return [m.strip() for m in (value.split(",") if isinstance(value, str) else value) if m.strip()]
 
     if runtimes:
         from medssl.data import load_datalist
-        from medssl.segment import _resolve_bundle
+        from medssl.clinic.segment import _resolve_bundle
 
         cases = (load_datalist(dataset_dir).get("test") or [])[: int(num_volumes)]
         if not cases:

@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 from medssl.bundle import REPO_ROOT, run_bundle
 from medssl.data import atomic_path, eval_list
-from medssl.sample_data import sample_data
+from medssl.lab.sample_data import sample_data
 
 __all__ = ["demo", "plot_cases", "read_metrics", "release_demo"]
 
@@ -53,7 +53,7 @@ def demo(
         iterations: training iterations (SGD, the bundle's paper recipe otherwise).
         patch_size: training patch and sliding-window size (sides divisible by 16).
         batch_size: patches per iteration.
-        num_cases, num_test, shape, seed: the sample set (see :func:`medssl.sample_data.sample_data`).
+        num_cases, num_test, shape, seed: the sample set (see :func:`medssl.lab.sample_data.sample_data`).
         bundles_dir: where the bundles are (default: the checkout's ``bundles/``).
         scan, release: see :func:`release_demo` (``release=False`` skips it).
 
@@ -118,7 +118,7 @@ def release_demo(out: os.PathLike | str, scan: Optional[str] = None) -> Optional
     prediction), the atrium's volume and, with a label, the Dice. The LA case is written in scanner-like units
     first (``medssl.geometry``), as a clinic would send it. Returns None (and says why) when no scan is found."""
     from medssl.geometry import write_variant
-    from medssl.segment import print_table, segment
+    from medssl.clinic.segment import print_table, segment
 
     out = Path(out)
     if scan:

@@ -1,7 +1,7 @@
 """``python -m medssl segment SCAN [SCAN ...]``: a clinician's one-liner around a bundle's ``inference.json``.
 
 Takes NIfTI files, folders of them, and DICOM (a folder holding one series, a study folder holding several series and
-other files, or a ``.zip`` of either; see :mod:`medssl.dicom`). Pulls the released bundle (checksum-verified; from the
+other files, or a ``.zip`` of either; see :mod:`medssl.clinic.dicom`). Pulls the released bundle (checksum-verified; from the
 checkout's committed ``releases/`` by default, no network) unless a bundle folder with weights is given, segments
 every scan on the GPU if there is one (else the CPU, bf16 where it has native support) and writes into ``--out``:
 
@@ -34,7 +34,7 @@ import numpy as np
 from medssl.bundle import cache_dir, default_index, require_weights
 from medssl.data import NIFTI_SUFFIXES, DataError, as_bool, atomic_path, check_headers, data_error_message, write_json
 from medssl.export import RUNTIMES, check_runtime
-from medssl.runtime_choice import default_runtime
+from medssl.clinic.runtime_choice import default_runtime
 
 __all__ = [
     "Segmenter",
@@ -79,7 +79,7 @@ def collect_inputs(scans: Sequence[os.PathLike | str]) -> List[ScanInput]:
     Raises:
         DataError: nothing given, or two scans that would write the same ``<name>_seg.nii.gz``.
     """
-    from medssl.dicom import is_dicom_source
+    from medssl.clinic.dicom import is_dicom_source
 
     if not scans:
         raise DataError("segment: no scans given; pass NIfTI files (.nii/.nii.gz), DICOM folders or .zip files.")
@@ -154,7 +154,7 @@ def _resolve_bundle(bundle: str, index: Optional[str], bundle_dir: Optional[str]
     p = Path(bundle).expanduser()
     if (p / "configs" / "inference.json").is_file():
         return p.resolve()
-    from medssl.release import pull
+    from medssl.clinic.release import pull
 
     target = Path(bundle_dir) if bundle_dir else cache_dir() / "bundles"
     return pull(bundle, bundle_dir=str(target), index=index or default_index())
@@ -183,13 +183,13 @@ class Segmenter:
         progress: show a progress bar (on a terminal).
         overrides: other ``inference.json`` ids to set (``sw_overlap``, ``sw_batch_size``, ``amp``...).
         runtime: ``torch``, ``openvino``, ``openvino-int8`` (see :mod:`medssl.export`) or ``auto``: the fastest
-            of them that keeps the bundle's label maps on this machine (:mod:`medssl.runtime_choice`; ``torch`` for a
+            of them that keeps the bundle's label maps on this machine (:mod:`medssl.clinic.runtime_choice`; ``torch`` for a
             bundle without an accuracy record for its weights). Default: ``$MEDSSL_RUNTIME`` or ``auto``.
         model_format: what the ``torch`` runtime runs: ``pt`` (the eager network), ``ts`` (TorchScript) or ``pt2``
             (the ``torch.export`` program); exported artefacts are made (or rebuilt when stale) on first use.
 
     Raises:
-        medssl.release.ReleaseError: the bundle cannot be pulled or fails its checksum.
+        medssl.clinic.release.ReleaseError: the bundle cannot be pulled or fails its checksum.
         FileNotFoundError: the bundle has no weights.
     """
 
@@ -253,9 +253,9 @@ class Segmenter:
         self.runtime = check_runtime(parser.get_parsed_content("runtime"), parser.get_parsed_content("model_format"))
 
     def _auto_runtime(self, parser) -> str:
-        """``runtime: auto`` resolved for this bundle on its device (see :mod:`medssl.runtime_choice`)."""
+        """``runtime: auto`` resolved for this bundle on its device (see :mod:`medssl.clinic.runtime_choice`)."""
         from medssl.precision import resolve_precision
-        from medssl.runtime_choice import choose_runtime
+        from medssl.clinic.runtime_choice import choose_runtime
 
         if "network_spec" not in parser:  # a bundle released before the runtimes
             self.runtime_choice = {"runtime": "torch", "reason": "torch: the bundle predates the other runtimes"}
@@ -365,7 +365,7 @@ class Segmenter:
         Raises:
             DataError: the input is bad (the message names the file or series); anything else the bundle raises.
         """
-        from medssl.dicom import read_series, write_seg
+        from medssl.clinic.dicom import read_series, write_seg
 
         start = time.perf_counter()
         if scan.error:
@@ -552,7 +552,7 @@ def segment(
     Raises:
         DataError: no scans, or two scans with one output name (checked before the bundle is loaded); with
             ``fail_fast``, the first failing scan.
-        medssl.release.ReleaseError: the bundle cannot be pulled or fails its checksum.
+        medssl.clinic.release.ReleaseError: the bundle cannot be pulled or fails its checksum.
         FileNotFoundError: the bundle has no weights.
     """
     _check_output_type(output_type)

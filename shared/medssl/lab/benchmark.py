@@ -420,7 +420,7 @@ def benchmark(
     if dataset_dir is None:
         if profile != "smoke":
             raise ValueError(f"profile {profile!r} needs --dataset_dir (the LA data with 80 training cases).")
-        from medssl.sample_data import sample_data
+        from medssl.lab.sample_data import sample_data
 
         sample_data(data_dir, num_cases=8, shape=(48, 48, 32), num_test=2)
     else:

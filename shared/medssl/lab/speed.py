@@ -377,7 +377,7 @@ REFERENCE_RUNTIME = "torch-fp32"
 def _runtime_child(bundle_root: str, label: str, scans: List[str], out: str) -> Dict[str, Any]:
     """In its own process: the bundle in runtime ``label`` on ``scans`` (the first once more before, untimed: the
     compilation and first-call costs are reported apart); label maps written under ``out``."""
-    from medssl.segment import Segmenter
+    from medssl.clinic.segment import Segmenter
 
     spec = RUNTIMES[label]
     start = time.perf_counter()
@@ -450,7 +450,7 @@ def runtime_seconds(
         child_out = out_dir / "labels" / label
         args = json.dumps([str(bundle_root), label, [str(s) for s in scans], str(child_out)])
         proc = subprocess.run(
-            [sys.executable, "-m", "medssl.speed", args], capture_output=True, text=True, env={**os.environ}
+            [sys.executable, "-m", "medssl.lab.speed", args], capture_output=True, text=True, env={**os.environ}
         )
         if proc.returncode != 0:
             results["runtimes"][label] = {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
@@ -478,7 +478,7 @@ def _cpu_name() -> str:
 def _runtime_accuracy(results: Dict[str, Any], out_dir: Path, scans: Sequence[str], labels) -> None:
     import nibabel as nib
 
-    from medssl.segment import _stem
+    from medssl.clinic.segment import _stem
 
     def load(label: str, scan: str) -> Optional[np.ndarray]:
         path = out_dir / "labels" / label / f"{_stem(Path(scan))}_seg.nii.gz"

@@ -13,8 +13,8 @@ a readable 3D NIfTI volume (:func:`check_image_upload`) and an uploaded label a 
 the served label values (:func:`read_label_upload`). A refusal is a :class:`RequestError` carrying the HTTP status
 the app answers with and a message naming the field and what was expected.
 
-A DICOMweb datastore keeps each series as a NIfTI volume read by :mod:`medssl.dicom` (:func:`series_to_nifti`, the
-reader ``segment`` uses), stores saved labels as DICOM SEG written by :func:`medssl.dicom.write_seg`
+A DICOMweb datastore keeps each series as a NIfTI volume read by :mod:`medssl.clinic.dicom` (:func:`series_to_nifti`, the
+reader ``segment`` uses), stores saved labels as DICOM SEG written by :func:`medssl.clinic.dicom.write_seg`
 (:func:`label_to_seg`) and reads SEGs back onto their series' grid (:func:`seg_to_nifti`).
 """
 
@@ -80,7 +80,7 @@ def prepare_models(
     model_dir.mkdir(parents=True, exist_ok=True)
     released = set()
     if index:
-        from medssl.release import read_index
+        from medssl.clinic.release import read_index
 
         released = {key.rsplit("_v", 1)[0] for key in read_index(index)}
     out = {}
@@ -93,7 +93,7 @@ def prepare_models(
                         "%s is not released in %s: served from the bundles folder, without weights", name, index
                     )
                 if name in released:
-                    from medssl.release import pull
+                    from medssl.clinic.release import pull
 
                     src = pull(name, tmp, version=version, index=index)
                     os.replace(src, target)
@@ -341,13 +341,13 @@ def bundle_label_names(bundle_dir: os.PathLike | str) -> Dict[int, str]:
 
 
 def series_to_nifti(series_dir: os.PathLike | str, out: os.PathLike | str) -> Path:
-    """Read the DICOM series in ``series_dir`` with :func:`medssl.dicom.read_series` (as ``segment`` does) and write
+    """Read the DICOM series in ``series_dir`` with :func:`medssl.clinic.dicom.read_series` (as ``segment`` does) and write
     it as a NIfTI volume at ``out`` (float32, the affine from the DICOM attributes; atomic).
 
     Raises:
-        medssl.dicom.DicomError: the series cannot be read as one 3D volume (the reason names the file).
+        medssl.clinic.dicom.DicomError: the series cannot be read as one 3D volume (the reason names the file).
     """
-    from medssl.dicom import read_series
+    from medssl.clinic.dicom import read_series
 
     volume = read_series(series_dir)
     return write_nifti(volume.array, volume.affine, out, np.float32)
@@ -365,13 +365,13 @@ def label_to_seg(
     series_description: Optional[str] = None,
 ) -> Path:
     """Write a label map on the grid of :func:`series_to_nifti`'s volume of ``series_dir`` as a DICOM SEG of that
-    series (:func:`medssl.dicom.write_seg`). An annotator's label is ``SEMIAUTOMATIC`` by default: a person saved
+    series (:func:`medssl.clinic.dicom.write_seg`). An annotator's label is ``SEMIAUTOMATIC`` by default: a person saved
     it, starting from ``bundle``'s auto-segmentation.
 
     Raises:
-        medssl.dicom.DicomError: the series cannot be read, or ``labels`` is not on its grid.
+        medssl.clinic.dicom.DicomError: the series cannot be read, or ``labels`` is not on its grid.
     """
-    from medssl.dicom import read_series, write_seg
+    from medssl.clinic.dicom import read_series, write_seg
 
     volume = read_series(series_dir)
     return write_seg(
@@ -390,7 +390,7 @@ def label_to_seg(
 def seg_to_nifti(seg: os.PathLike | str, series_dir: os.PathLike | str, out: os.PathLike | str) -> Path:
     """A DICOM SEG of the series in ``series_dir`` as a uint8 NIfTI label map on the series' grid (the volume and
     affine of :func:`series_to_nifti`), segment numbers as label values; atomic."""
-    from medssl.dicom import read_seg, read_series
+    from medssl.clinic.dicom import read_seg, read_series
 
     volume = read_series(series_dir)
     return write_nifti(read_seg(seg, volume), volume.affine, out, np.uint8)

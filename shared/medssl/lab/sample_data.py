@@ -1,4 +1,4 @@
-"""A small synthetic left-atrium-like dataset, in the layout of :mod:`medssl.prepare_la`, for demos and tests.
+"""A small synthetic left-atrium-like dataset, in the layout of :mod:`medssl.lab.prepare_la`, for demos and tests.
 
 Each case imitates a UA-MT-preprocessed LGE-MRI crop: an ellipsoidal atrium (random centre, radii and
 tilt, its surface deformed by a low-frequency random field) with three or four pulmonary-vein-like tubes
@@ -256,8 +256,8 @@ def sample_data(
     datalist: Dict[str, Any] = {
         "name": "LA-like synthetic sample",
         "description": "Synthetic left-atrium-like volumes (ellipsoidal atrium with pulmonary-vein-like tubes, "
-        "dark rim, bias field, Rician noise, z-scored), written by medssl.sample_data for demos and tests.",
-        "reference": "none (synthetic); layout of medssl.prepare_la",
+        "dark rim, bias field, Rician noise, z-scored), written by medssl.lab.sample_data for demos and tests.",
+        "reference": "none (synthetic); layout of medssl.lab.prepare_la",
         "licence": "Apache-2.0 (generated data)",
         "tensorImageSize": "3D",
         "modality": {"0": "LGE-MRI"},

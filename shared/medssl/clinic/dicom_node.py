@@ -62,11 +62,11 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from medssl.data import DataError, as_bool, atomic_path, write_json
-from medssl.dicom import MR_IMAGE_STORAGE
+from medssl.clinic.dicom import MR_IMAGE_STORAGE
 
 __all__ = ["DicomNode", "SegmenterProcessor", "SendError", "parse_destination", "send_file", "dicom_node"]
 
-log = logging.getLogger("medssl.dicom_node")
+log = logging.getLogger("medssl.clinic.dicom_node")
 
 VERIFICATION = "1.2.840.10008.1.1"
 ACCEPTED_SOP_CLASSES = {MR_IMAGE_STORAGE: "MR Image Storage"}
@@ -194,16 +194,16 @@ def send_file(
 
 
 class SegmenterProcessor:
-    """The default processing: :class:`medssl.segment.Segmenter` (model built once) writing a DICOM SEG.
+    """The default processing: :class:`medssl.clinic.segment.Segmenter` (model built once) writing a DICOM SEG.
 
     Raises (at construction):
-        medssl.release.ReleaseError, FileNotFoundError, DataError: the bundle cannot be pulled or has no weights.
+        medssl.clinic.release.ReleaseError, FileNotFoundError, DataError: the bundle cannot be pulled or has no weights.
     """
 
     def __init__(self, **options: Any):
-        """``options``: :class:`medssl.segment.Segmenter`'s (``bundle``, ``index``, ``bundle_dir``, ``device``,
+        """``options``: :class:`medssl.clinic.segment.Segmenter`'s (``bundle``, ``index``, ``bundle_dir``, ``device``,
         ``largest_component``...)."""
-        from medssl.segment import Segmenter
+        from medssl.clinic.segment import Segmenter
 
         self.segmenter = Segmenter(progress=False, **options)
 
@@ -288,7 +288,7 @@ class DicomNode:
 
         Raises:
             RuntimeError: the port cannot be bound.
-            medssl.release.ReleaseError, FileNotFoundError, DataError: the default processor cannot be built.
+            medssl.clinic.release.ReleaseError, FileNotFoundError, DataError: the default processor cannot be built.
         """
         from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
         from pynetdicom import AE, StoragePresentationContexts, evt

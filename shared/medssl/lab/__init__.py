@@ -1,0 +1,9 @@
+"""medssl.lab: what a researcher runs on top of the library and the clinic.
+
+``benchmark`` (the label-efficiency benchmark: dev split, trainings, evaluations, paired comparisons), ``speed``
+(seconds per iteration and per scan), ``demo`` (the main job on the synthetic sample set), ``sample_data`` (that
+synthetic set) and ``prepare_la`` (the public LA releases into the datalist layout).
+
+Import rule: a lab module may import the library and ``medssl.clinic``; neither of them imports the lab.
+``tests/test_layout.py`` checks it.
+"""
