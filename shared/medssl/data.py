@@ -9,6 +9,7 @@ folder, key or count stops a run at once with the offending file or key named.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -29,6 +30,7 @@ __all__ = [
     "DataError",
     "data_error_message",
     "as_bool",
+    "file_sha256",
     "load_datalist",
     "labeled_list",
     "unlabeled_list",
@@ -156,6 +158,15 @@ def write_json(obj: Any, path: os.PathLike | str) -> Path:
 
 
 # -- reading datalists -------------------------------------------------------------------------------------
+
+
+def file_sha256(path: os.PathLike | str) -> str:
+    """sha256 of a file's bytes (read in 1 MB chunks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def load_datalist(dataset_dir: os.PathLike | str) -> Dict[str, Any]:

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import tempfile
@@ -43,7 +42,8 @@ from typing import Any, Callable, Dict, Optional
 import torch
 from torch import nn
 
-from medssl.data import write_json
+from medssl.data import file_sha256, write_json
+from medssl.weights import eager_network  # part of this module's API, as before
 
 __all__ = [
     "RUNTIMES",
@@ -104,15 +104,6 @@ def exported_precision(runtime: str, model_format: str, precision: str) -> str:
     its ATen graph), ``fp32`` for TorchScript and OpenVINO (their graphs fix their own types)."""
     kind = check_runtime(runtime, model_format)
     return precision if kind in ("pt", "pt2") else "fp32"
-
-
-def file_sha256(path: os.PathLike | str) -> str:
-    """sha256 of a file's bytes (read in 1 MB chunks)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _tools(kind: str) -> Dict[str, str]:
@@ -187,27 +178,6 @@ def _lock(root: Path):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def eager_network(root: Path, spec: Optional[Callable[[], nn.Module]] = None) -> nn.Module:
-    """The bundle's eager network in eval mode with ``models/model.pt`` loaded strictly (``spec`` builds it; default:
-    ``network_spec`` of the bundle's ``inference.json``, or ``network_def`` in bundles made before it)."""
-    from medssl.weights import load_state
-
-    if spec is None:
-        from monai.bundle import ConfigParser
-
-        parser = ConfigParser()
-        parser.read_config(str(root / "configs" / "inference.json"))
-        parser["bundle_root"] = str(root)
-        if "network_spec" in parser:
-            spec = parser.get_parsed_content("network_spec")
-        else:  # a bundle released before network_spec: its network_def is the eager network
-            net_def = parser.get_parsed_content("network_def")
-            spec = lambda: net_def  # noqa: E731
-    net = spec()
-    net.load_state_dict(load_state(root / "models" / "model.pt"))
-    return net.eval()
 
 
 def export_pt2(net: nn.Module, target: os.PathLike | str, example_size=(2, 1, 64, 64, 32)) -> Path:

@@ -48,8 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from medssl.data import atomic_path
-from medssl.export import file_sha256  # noqa: F401 (part of this module's API, as before)
+from medssl.data import atomic_path, file_sha256  # file_sha256: part of this module's API, as before
 
 __all__ = [
     "RANGES_FILE",
@@ -683,7 +682,7 @@ def record_int8_calibration(
     """The release step: calibrate the bundle's network (``models/model.pt``, converted as :func:`export_fp32` does)
     on :func:`calibration_crops` of ``dataset_dir`` and write the record to ``target`` (default: the bundle's
     :data:`RANGES_FILE`). Returns the record."""
-    from medssl.export import eager_network
+    from medssl.weights import eager_network
 
     root = Path(bundle_root)
     weights = root / "models" / "model.pt"

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
+from torch import nn
 from medssl.data import atomic_path
 
-__all__ = ["half_state", "save_split_state", "load_split_state", "finish_from_checkpoint", "load_state"]
+__all__ = ["half_state", "save_split_state", "load_split_state", "finish_from_checkpoint", "load_state", "eager_network"]
 
 
 def load_state(path: os.PathLike | str) -> Dict[str, torch.Tensor]:
@@ -106,3 +107,22 @@ def finish_from_checkpoint(models_dir: os.PathLike | str) -> str:
     with atomic_path(final) as tmp:
         torch.save(load_state(newest), tmp)
     return f"{final}: the training stopped early; weights of {name} (iteration {name[len('checkpoint_'):-3]})"
+
+
+def eager_network(root: Path, spec: Optional[Callable[[], nn.Module]] = None) -> nn.Module:
+    """The bundle's eager network in eval mode with ``models/model.pt`` loaded strictly (``spec`` builds it; default:
+    ``network_spec`` of the bundle's ``inference.json``, or ``network_def`` in bundles made before it)."""
+    if spec is None:
+        from monai.bundle import ConfigParser
+
+        parser = ConfigParser()
+        parser.read_config(str(root / "configs" / "inference.json"))
+        parser["bundle_root"] = str(root)
+        if "network_spec" in parser:
+            spec = parser.get_parsed_content("network_spec")
+        else:  # a bundle released before network_spec: its network_def is the eager network
+            net_def = parser.get_parsed_content("network_def")
+            spec = lambda: net_def  # noqa: E731
+    net = spec()
+    net.load_state_dict(load_state(root / "models" / "model.pt"))
+    return net.eval()
