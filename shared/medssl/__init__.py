@@ -1,6 +1,11 @@
 """medssl: MONAI Bundles for label-efficient 3D medical image segmentation.
 
 Bundle configs reach the package as ``medssl.<module>.<name>`` after ``"$import medssl"``.
+
+Layout: ``medssl.<module>`` is the library (what bundle configs name: networks, losses, transforms, engines, handlers,
+data, metrics, export, ...); ``medssl.clinic`` holds what a hospital runs on top of it (segment, DICOM, the node,
+releases), ``medssl.lab`` what a researcher runs (benchmark, speed, demo, sample data). The library imports no wing,
+the clinic never imports the lab, and only ``medssl.cli`` imports everything (``tests/test_layout.py``).
 """
 
 import warnings

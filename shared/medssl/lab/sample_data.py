@@ -1,14 +1,8 @@
 """A small synthetic left-atrium-like dataset, in the layout of :mod:`medssl.lab.prepare_la`, for demos and tests.
 
-Each case imitates a UA-MT-preprocessed LGE-MRI crop: an ellipsoidal atrium (random centre, radii and
-tilt, its surface deformed by a low-frequency random field) with three or four pulmonary-vein-like tubes
-(curved, tapering cylinders) leaving it, all labelled 1; a bright blood pool inside, a dark myocardial rim
-around it, a textured background with an unlabelled bright distractor (another cardiac chamber), partial
-volume blur, a smooth multiplicative bias field, Rician noise, and finally the z-score normalisation of the
-LA benchmark (float32). Foreground is about 5-15 % of the voxels, as in the real crops.
-
-Everything is drawn from ``np.random.default_rng([seed, case_index])`` with vectorised numpy/scipy, so the
-same arguments give byte-identical volumes, and the default set is written in about a second.
+Each case is :func:`medssl.synthetic.synthesize_case` (what it imitates is said there), drawn from
+``np.random.default_rng([seed, case_index])``: the same arguments give byte-identical volumes, and the default set
+is written in about a second.
 """
 
 from __future__ import annotations
