@@ -5,6 +5,7 @@ and no two modules import each other (no import cycle of any length). Imports in
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 from typing import Dict, List, Set
 
@@ -115,10 +116,9 @@ def test_the_three_wings_exist_and_the_library_keeps_what_bundles_name():
     # every medssl.<module> a bundle config names (the committed bundles' configs) is a library module
     named = set()
     for config in (REPO / "bundles").glob("*/configs/*.json"):
-        for token in config.read_text().replace('"', " ").replace("(", " ").replace("$", " ").split():
-            if token.startswith("medssl.") and token.count(".") >= 2:
-                parts = token.split(".")
-                named.update(".".join(parts[:i]) for i in range(2, len(parts)) if ".".join(parts[:i]) in names)
+        for dotted in re.findall(r"\bmedssl(?:\.\w+)+", config.read_text()):
+            parts = dotted.split(".")
+            named.update(".".join(parts[:i]) for i in range(2, len(parts) + 1) if ".".join(parts[:i]) in names)
     assert {"medssl.export", "medssl.precision", "medssl.networks", "medssl.data"} <= named
     assert all(wing(m) == "library" for m in named), sorted(m for m in named if wing(m) != "library")
 
