@@ -1,5 +1,6 @@
-"""The DICOM path against the NIfTI path: each LA case written as a classic MR series (``medssl.clinic.dicom.nifti_to_series``)
-and segmented through ``segment``'s DICOM path, compared with the same case segmented from its NIfTI file.
+"""The DICOM path against the NIfTI path: each LA case written as a classic MR series
+(``medssl.clinic.dicom.nifti_to_series``) and segmented through ``segment``'s DICOM path, compared with the same case
+segmented from its NIfTI file.
 
     python benchmarks/dicom_parity.py --dataset_dir ../shared/data/la --rows 60-79 --out benchmarks/results/dicom_parity
 

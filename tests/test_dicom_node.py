@@ -1,8 +1,8 @@
 """The DICOM node (``python -m medssl dicom_node``) against a real Orthanc PACS and real LA scans.
 
-Round trip: LA cases written as MR series (``medssl.clinic.dicom.write_series``) are uploaded to Orthanc, Orthanc C-STOREs
-a study to the node (a real subprocess, so kills and restarts are real), and the DICOM SEG the node sends back must
-land in the same study, decode with highdicom and pydicom, lie on the source grid (checked from its own plane
+Round trip: LA cases written as MR series (``medssl.clinic.dicom.write_series``) are uploaded to Orthanc, Orthanc
+C-STOREs a study to the node (a real subprocess, so kills and restarts are real), and the DICOM SEG the node sends back
+must land in the same study, decode with highdicom and pydicom, lie on the source grid (checked from its own plane
 positions) and match the case's label (Dice > 0.85: the release was trained on these cases, so this checks
 geometry) and the Segmenter's own output. Then: three studies at once plus garbage, a SIGKILL mid-series and a
 restart, bad series that must land in ``failed/`` while the node keeps serving. The first tests use a node with an

@@ -1,5 +1,5 @@
-"""``runtime auto`` (medssl.clinic.runtime_choice): which runtimes a bundle offers (the release's accuracy record, for its
-weights), the decision on measured times and agreements, and the real probe on the released la_seg_finetune:
+"""``runtime auto`` (medssl.clinic.runtime_choice): which runtimes a bundle offers (the release's accuracy record, for
+its weights), the decision on measured times and agreements, and the real probe on the released la_seg_finetune:
 cached per machine, used by ``segment``, reported in ``statistics.json``, never for weights it was not measured on."""
 
 import json

@@ -14,12 +14,12 @@ Auto-segmentation runs the bundle's ``inference.json`` through :class:`medssl.cl
 ``python -m medssl segment``: the same precision, memory layout and threads, the label map in the input's geometry,
 and the weights read from ``models/model.pt`` at each request (a finished training is used by the next one).
 ``--conf runtime auto|torch|openvino|openvino-int8`` (default ``auto``, or ``$MEDSSL_RUNTIME``: the fastest runtime that
-keeps the release's label maps on this CPU, see :mod:`medssl.clinic.runtime_choice`; weights trained here have no accuracy
-record, so ``auto`` runs them in PyTorch) and ``--conf model_format pt|ts|pt2`` choose what runs; ``/infer`` reports it.
-Training (``/train/<name>``) runs the bundle's ``train.json`` on the datastore's labeled images; the semi-supervised
-bundles (cvrl_semisup, simcvd_distill) also train on the images that have no label yet. Each training run gets its
-own folder ``<bundle>/monailabel/<time>/`` (its dataset.json, checkpoints, logs); when it finishes, its weights
-replace ``models/model.pt`` in one atomic step.
+keeps the release's label maps on this CPU, see :mod:`medssl.clinic.runtime_choice`; weights trained here have no
+accuracy record, so ``auto`` runs them in PyTorch) and ``--conf model_format pt|ts|pt2`` choose what runs; ``/infer``
+reports it. Training (``/train/<name>``) runs the bundle's ``train.json`` on the datastore's labeled images; the
+semi-supervised bundles (cvrl_semisup, simcvd_distill) also train on the images that have no label yet. Each training
+run gets its own folder ``<bundle>/monailabel/<time>/`` (its dataset.json, checkpoints, logs); when it finishes, its
+weights replace ``models/model.pt`` in one atomic step.
 
 On a PACS (DICOMweb) the images are the series that match ``--conf dicomweb_filter`` (default ``{"Modality": "MR"}``),
 their ids the SeriesInstanceUIDs. A series is downloaded once into the cache (``--conf dicomweb_cache DIR``, default
@@ -29,8 +29,8 @@ final label is stored in the PACS as a DICOM SEG of that series written by :func
 node) are the labels training reads back. Nothing calls dcmqi: MONAI Label 0.8.5 would download it from GitHub at
 start-up and convert with it; here the DICOM SEG of ``/infer?output=dicom_seg`` is medssl's too.
 
-Requests are checked before anything changes (:mod:`medssl.clinic.label`): an image id the datastore does not hold is a 404,
-a path outside the datastore in any field or a malformed id or tag a 400, an upload that is not a readable 3D NIfTI
+Requests are checked before anything changes (:mod:`medssl.clinic.label`): an image id the datastore does not hold is a
+404, a path outside the datastore in any field or a malformed id or tag a 400, an upload that is not a readable 3D NIfTI
 volume, a label of another shape or affine than its image or with values that are not the served labels a 422,
 each with the reason as its ``detail``; files and the datastore's index are written atomically.
 """
@@ -324,10 +324,11 @@ class MedsslDicomWebDatastore(CheckedDatastore, DICOMWebDatastore):
     """MONAI Label's DICOMweb datastore, converting with medssl instead of SimpleITK, pydicom-seg and dcmqi.
 
     Images are the series the search filter finds (ids: SeriesInstanceUIDs); each is downloaded once into the cache
-    (``<cache>/<uid>/``, then ``<uid>.nii`` read by :func:`medssl.clinic.label.series_to_nifti`). A saved final label goes to
-    the PACS as a DICOM SEG of its series (:func:`medssl.clinic.label.label_to_seg`) and into the cache; labels that other
-    annotators saved in the PACS (SEGs whose segments are MANUAL or SEMIAUTOMATIC; the newest per series) are fetched
-    when training asks for the labeled images. Uploading or deleting images is the PACS's business: refused (405).
+    (``<cache>/<uid>/``, then ``<uid>.nii`` read by :func:`medssl.clinic.label.series_to_nifti`). A saved final label
+    goes to the PACS as a DICOM SEG of its series (:func:`medssl.clinic.label.label_to_seg`) and into the cache; labels
+    that other annotators saved in the PACS (SEGs whose segments are MANUAL or SEMIAUTOMATIC; the newest per series) are
+    fetched when training asks for the labeled images. Uploading or deleting images is the PACS's business: refused
+    (405).
     """
 
     def __init__(self, client, search_filter, cache_path, label_names, algorithm, list_ttl: float = 30.0):

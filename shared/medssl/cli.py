@@ -101,11 +101,11 @@ def benchmark(
     steps: str = "pretrain,train,evaluate",
     overrides=None,
 ) -> str:
-    """Label-efficiency benchmark: each method at each label count vs the supervised baseline (see medssl.lab.benchmark);
-    writes results.json, results.md and PNG plots under ``out``; re-run to resume. ``--iterations N`` shortens every
-    training (lr step scaled), ``--parallel K`` trains K runs side by side, ``--steps pretrain,train`` stops before
-    evaluating (evaluate later, elsewhere, with the default), ``--overrides '{"patch_size": [32, 32, 32]}'`` adds
-    bundle overrides to every training and evaluation."""
+    """Label-efficiency benchmark: each method at each label count vs the supervised baseline (see
+    medssl.lab.benchmark); writes results.json, results.md and PNG plots under ``out``; re-run to resume.
+    ``--iterations N`` shortens every training (lr step scaled), ``--parallel K`` trains K runs side by side,
+    ``--steps pretrain,train`` stops before evaluating (evaluate later, elsewhere, with the default),
+    ``--overrides '{"patch_size": [32, 32, 32]}'`` adds bundle overrides to every training and evaluation."""
     from medssl.lab.benchmark import benchmark as _benchmark
 
     labels = [int(x) for x in str(labels).strip("()[]").split(",") if x.strip()] if labels is not None else None
@@ -245,7 +245,8 @@ def dicom_node(
 ) -> None:
     """Run a DICOM node (Storage SCP, C-ECHO) until Ctrl-C: each complete MR series received (association released,
     or --quiet_seconds without a new instance) is segmented and its DICOM SEG C-STOREd to --destination AET@HOST:PORT;
-    WORKDIR/incoming, done, failed keep every instance (see medssl.clinic.dicom_node). --runtime as for segment (default auto).
+    WORKDIR/incoming, done, failed keep every instance (see medssl.clinic.dicom_node). --runtime as for segment (default
+    auto).
     """
     from medssl.clinic.dicom_node import dicom_node as _dicom_node
 

@@ -9,7 +9,7 @@ volume blur, a smooth multiplicative bias field, Rician noise, and finally the z
 LA benchmark (float32). Foreground is about 5-15 % of the voxels, as in the real crops.
 
 Everything is drawn from ``np.random.default_rng([seed, case_index])`` with vectorised numpy/scipy, so the
-same arguments give byte-identical volumes, and the default set is written in about a second.
+same arguments give byte-identical volumes.
 """
 
 from __future__ import annotations

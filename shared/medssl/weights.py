@@ -17,7 +17,14 @@ import torch
 from torch import nn
 from medssl.data import atomic_path
 
-__all__ = ["half_state", "save_split_state", "load_split_state", "finish_from_checkpoint", "load_state", "eager_network"]
+__all__ = [
+    "half_state",
+    "save_split_state",
+    "load_split_state",
+    "finish_from_checkpoint",
+    "load_state",
+    "eager_network",
+]
 
 
 def load_state(path: os.PathLike | str) -> Dict[str, torch.Tensor]:

@@ -6,6 +6,6 @@ datastore/infer pieces), ``runtime_choice`` (``--runtime auto``) and ``release``
 bundles).
 
 Import rule: a clinic module may import the library (``medssl.<module>``) and other clinic modules; never
-``medssl.lab`` and never the command line (``medssl.cli``). The library never imports the clinic. ``tests/test_layout.py``
-checks it.
+``medssl.lab`` and never the command line (``medssl.cli``). The library never imports the clinic.
+``tests/test_layout.py`` checks it.
 """

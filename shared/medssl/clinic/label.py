@@ -13,8 +13,8 @@ a readable 3D NIfTI volume (:func:`check_image_upload`) and an uploaded label a 
 the served label values (:func:`read_label_upload`). A refusal is a :class:`RequestError` carrying the HTTP status
 the app answers with and a message naming the field and what was expected.
 
-A DICOMweb datastore keeps each series as a NIfTI volume read by :mod:`medssl.clinic.dicom` (:func:`series_to_nifti`, the
-reader ``segment`` uses), stores saved labels as DICOM SEG written by :func:`medssl.clinic.dicom.write_seg`
+A DICOMweb datastore keeps each series as a NIfTI volume read by :mod:`medssl.clinic.dicom` (:func:`series_to_nifti`,
+the reader ``segment`` uses), stores saved labels as DICOM SEG written by :func:`medssl.clinic.dicom.write_seg`
 (:func:`label_to_seg`) and reads SEGs back onto their series' grid (:func:`seg_to_nifti`).
 """
 
@@ -341,8 +341,8 @@ def bundle_label_names(bundle_dir: os.PathLike | str) -> Dict[int, str]:
 
 
 def series_to_nifti(series_dir: os.PathLike | str, out: os.PathLike | str) -> Path:
-    """Read the DICOM series in ``series_dir`` with :func:`medssl.clinic.dicom.read_series` (as ``segment`` does) and write
-    it as a NIfTI volume at ``out`` (float32, the affine from the DICOM attributes; atomic).
+    """Read the DICOM series in ``series_dir`` with :func:`medssl.clinic.dicom.read_series` (as ``segment`` does) and
+    write it as a NIfTI volume at ``out`` (float32, the affine from the DICOM attributes; atomic).
 
     Raises:
         medssl.clinic.dicom.DicomError: the series cannot be read as one 3D volume (the reason names the file).

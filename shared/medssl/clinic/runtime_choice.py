@@ -12,9 +12,9 @@
    MONAI Label app's training) runs ``torch``.
 2. **This CPU.** Each candidate runs the same input: one batch as the sliding window sends it (``sw_batch_size``
    windows, at most :data:`MAX_PROBE_WINDOWS`), each window a synthetic LA-like volume of the bundle's patch size
-   (:func:`medssl.synthetic.synthesize_case`, identical on every machine). Its label maps must agree with PyTorch fp32's on this CPU at >= :data:`PROBE_AGREEMENT` (kernels
-   differ between CPUs: int8 on a CPU without VNNI is not the int8 measured at release), and it is timed (best of
-   :data:`PROBE_REPEATS` after one warm-up).
+   (:func:`medssl.synthetic.synthesize_case`, identical on every machine). Its label maps must agree with PyTorch fp32's
+   on this CPU at >= :data:`PROBE_AGREEMENT` (kernels differ between CPUs: int8 on a CPU without VNNI is not the int8
+   measured at release), and it is timed (best of :data:`PROBE_REPEATS` after one warm-up).
 3. **The choice.** The fastest candidate that passed, if it is at least :data:`MIN_SPEEDUP` x as fast as ``torch``;
    else ``torch`` (where OpenVINO is not clearly faster, PyTorch stays the default).
 

@@ -1,9 +1,10 @@
 """``python -m medssl segment SCAN [SCAN ...]``: a clinician's one-liner around a bundle's ``inference.json``.
 
 Takes NIfTI files, folders of them, and DICOM (a folder holding one series, a study folder holding several series and
-other files, or a ``.zip`` of either; see :mod:`medssl.clinic.dicom`). Pulls the released bundle (checksum-verified; from the
-checkout's committed ``releases/`` by default, no network) unless a bundle folder with weights is given, segments
-every scan on the GPU if there is one (else the CPU, bf16 where it has native support) and writes into ``--out``:
+other files, or a ``.zip`` of either; see :mod:`medssl.clinic.dicom`). Pulls the released bundle (checksum-verified;
+from the checkout's committed ``releases/`` by default, no network) unless a bundle folder with weights is given,
+segments every scan on the GPU if there is one (else the CPU, bf16 where it has native support) and writes into
+``--out``:
 
 - ``<name>_seg.nii.gz``: uint8 label map in the scan's own shape and affine (for a DICOM series: the affine of the
   series as read from its attributes);
@@ -183,8 +184,8 @@ class Segmenter:
         progress: show a progress bar (on a terminal).
         overrides: other ``inference.json`` ids to set (``sw_overlap``, ``sw_batch_size``, ``amp``...).
         runtime: ``torch``, ``openvino``, ``openvino-int8`` (see :mod:`medssl.export`) or ``auto``: the fastest
-            of them that keeps the bundle's label maps on this machine (:mod:`medssl.clinic.runtime_choice`; ``torch`` for a
-            bundle without an accuracy record for its weights). Default: ``$MEDSSL_RUNTIME`` or ``auto``.
+            of them that keeps the bundle's label maps on this machine (:mod:`medssl.clinic.runtime_choice`; ``torch``
+            for a bundle without an accuracy record for its weights). Default: ``$MEDSSL_RUNTIME`` or ``auto``.
         model_format: what the ``torch`` runtime runs: ``pt`` (the eager network), ``ts`` (TorchScript) or ``pt2``
             (the ``torch.export`` program); exported artefacts are made (or rebuilt when stale) on first use.
 
