@@ -576,7 +576,14 @@ def test_orthanc_answers_only_its_registered_modalities(pacs):
     """Orthanc 1.10 binds every interface; its DICOM port must still refuse a caller it does not know."""
     stranger = pynetdicom.AE(ae_title="STRANGER")
     stranger.add_requested_context("1.2.840.10008.1.1")
-    assoc = stranger.associate("127.0.0.1", pacs.dicom_port, ae_title=pacs.aet)
+    # Orthanc sends A-ASSOCIATE-RJ and closes the socket at once; on a busy CPU pynetdicom now and then sees the close
+    # first and reports an abort (4 of 400 tries with both cores loaded; Orthanc's log says "Rejected" each time). An
+    # abort says nothing either way, so ask again (bounded); an association that is established fails at once.
+    for _ in range(5):
+        assoc = stranger.associate("127.0.0.1", pacs.dicom_port, ae_title=pacs.aet)
+        assert not assoc.is_established
+        if not assoc.is_aborted:
+            break
     assert assoc.is_rejected and not assoc.is_established
     pacs.add_modality("friend", "FRIEND", free_port())
     friend = pynetdicom.AE(ae_title="FRIEND")
