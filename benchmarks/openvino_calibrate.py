@@ -3,7 +3,7 @@
     python benchmarks/openvino_calibrate.py --bundle_root PULLED/la_seg_finetune_v0.3.0 \\
         --dataset_dir ../shared/data/la --out bundles/la_seg_finetune/configs/openvino_int8.json
 
-Defaults: :data:`medssl.openvino.DEFAULT_CALIBRATION_CASES` (training cases 1, 6, ..., 56 of the dev split), 4
+Defaults: :data:`medssl.openvino_int8.DEFAULT_CALIBRATION_CASES` (training cases 1, 6, ..., 56 of the dev split), 4
 sliding-window crops of each, seed 0, NNCF's ``performance`` preset. Cases past 60 are refused (61-80 are the dev
 test cases). The record binds itself to the sha256 of ``models/model.pt``: calibrate the weights you release.
 """
@@ -16,7 +16,7 @@ import time
 
 from openvino_common import bundle_root
 
-from medssl import openvino as mov
+from medssl import openvino_int8 as mov
 
 
 def main() -> None:

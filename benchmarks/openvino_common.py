@@ -64,6 +64,7 @@ def bundle_root(path: Optional[str]) -> Path:
 def prepare_artefacts(root: Path, work: Path, record: Optional[str]) -> Dict[str, str]:
     """The fp32 IR of the bundle's weights and, with ``record``, the int8 IR rebuilt from it, under ``work``."""
     from medssl import openvino as mov
+    from medssl import openvino_int8
     from medssl.export import eager_network
 
     work.mkdir(parents=True, exist_ok=True)
@@ -71,7 +72,7 @@ def prepare_artefacts(root: Path, work: Path, record: Optional[str]) -> Dict[str
     fp32 = mov.export_fp32(eager_network(root), work / "fp32.xml", weights_sha256=sha)
     out = {"fp32": str(fp32)}
     if record:
-        out["int8"] = str(mov.quantize_from_record(fp32, record, work / "int8.xml", weights_sha256=sha))
+        out["int8"] = str(openvino_int8.quantize_from_record(fp32, record, work / "int8.xml", weights_sha256=sha))
     return out
 
 

@@ -1,7 +1,7 @@
-"""The OpenVINO backend (medssl.openvino) on the released la_seg_finetune weights and real LA training cases: the fp32
-IR equals PyTorch eager, the int8 IR rebuilt at pull time from a calibration record (no data) equals the one
-calibrated directly, int8 label maps agree with fp32 on whole training cases, and the network module is safe to
-share between threads. Calibration here reads training cases only (positions 1-60 of train.list)."""
+"""The OpenVINO backend (medssl.openvino, medssl.openvino_int8) on the released la_seg_finetune weights and real LA
+training cases: the fp32 IR equals PyTorch eager, the int8 IR rebuilt at pull time from a calibration record (no data)
+equals the one calibrated directly, int8 label maps agree with fp32 on whole training cases, and the network module is
+safe to share between threads. Calibration here reads training cases only (positions 1-60 of train.list)."""
 
 import copy
 import json
@@ -17,6 +17,7 @@ ov = pytest.importorskip("openvino", reason='OpenVINO is an optional extra: pip 
 pytest.importorskip("nncf", reason='NNCF is an optional extra: pip install -e ".[openvino]"')
 
 from medssl import openvino as mov  # noqa: E402
+from medssl import openvino_int8 as mint8  # noqa: E402
 from medssl.export import eager_network  # noqa: E402
 from medssl.metrics import dice  # noqa: E402
 from medssl.clinic.release import pull  # noqa: E402
@@ -45,12 +46,12 @@ def released(module_tmp):
 def calibrated(released, la_dir, module_tmp):
     """int8 calibrated directly on two sliding-window crops of each of two training cases, its record written as
     JSON, and the int8 IR rebuilt from that file alone (as a pull does)."""
-    crops, recipe = mov.calibration_crops(la_dir, released["root"], cases=CALIBRATION_CASES, crops_per_case=2)
-    direct, record = mov.calibrate_int8(released["fp32"], crops, recipe, released["sha"])
+    crops, recipe = mint8.calibration_crops(la_dir, released["root"], cases=CALIBRATION_CASES, crops_per_case=2)
+    direct, record = mint8.calibrate_int8(released["fp32"], crops, recipe, released["sha"])
     folder = module_tmp("int8")
     record_file = folder / "openvino_int8.json"
-    mov.write_record(record, record_file)
-    rebuilt = mov.quantize_from_record(
+    mint8.write_record(record, record_file)
+    rebuilt = mint8.quantize_from_record(
         released["fp32"], record_file, folder / "int8.xml", weights_sha256=released["sha"]
     )
     return {"direct": direct, "record": record, "record_file": record_file, "rebuilt": rebuilt, "crops": crops}
@@ -58,7 +59,7 @@ def calibrated(released, la_dir, module_tmp):
 
 def _window(la_dir, root, position, size):
     """The central ``size`` window of a training case after the bundle's preprocessing, ``[1, 1, *size]``."""
-    preprocessing, _ = mov.bundle_preprocessing(root)
+    preprocessing, _ = mint8.bundle_preprocessing(root)
     entry = json.loads((la_dir / "dataset.json").read_text())["training"][position - 1]
     volume = preprocessing({"image": str(la_dir / entry["image"])})["image"].as_tensor()
     start = [(s - w) // 2 for s, w in zip(volume.shape[1:], size)]
@@ -106,7 +107,7 @@ def test_int8_rebuilt_from_the_record_equals_the_directly_calibrated_one(release
 def test_int8_label_maps_agree_with_fp32_on_two_training_cases(released, calibrated, la_dir, record_property):
     from monai.inferers import SlidingWindowInferer
 
-    preprocessing, settings = mov.bundle_preprocessing(released["root"])
+    preprocessing, settings = mint8.bundle_preprocessing(released["root"])
     inferer = SlidingWindowInferer(settings["patch_size"], settings["sw_batch_size"], settings["sw_overlap"])
     fp32 = mov.OpenVINONetwork(released["fp32"])
     int8 = mov.OpenVINONetwork(calibrated["rebuilt"])
@@ -124,24 +125,24 @@ def test_int8_label_maps_agree_with_fp32_on_two_training_cases(released, calibra
 
 def test_record_refuses_other_weights_other_graphs_and_dev_cases(released, calibrated, la_dir, tmp_path):
     record = calibrated["record"]
-    with pytest.raises(mov.Int8RecordError, match="calibrate again"):
-        mov.int8_from_record(released["fp32"], record, weights_sha256="0" * 64)
+    with pytest.raises(mint8.Int8RecordError, match="calibrate again"):
+        mint8.int8_from_record(released["fp32"], record, weights_sha256="0" * 64)
     # weights changed after calibration: the fp32 IR is not the calibrated one
     other = copy.deepcopy(released["eager"])
     with torch.no_grad():
         other.out_conv.bias.add_(1.0)
-    with pytest.raises(mov.Int8RecordError, match="not the one the int8 record was calibrated on"):
-        mov.int8_from_record(mov.convert(other), record)
+    with pytest.raises(mint8.Int8RecordError, match="not the one the int8 record was calibrated on"):
+        mint8.int8_from_record(mov.convert(other), record)
     # a record that misses a quantiser (another NNCF placing another one) is refused even when not strict
     broken = copy.deepcopy(record)
     broken["activation_ranges"].pop(sorted(broken["activation_ranges"])[3])
-    with pytest.raises(mov.Int8RecordError, match="quantisers without recorded ranges"):
-        mov.int8_from_record(released["fp32"], broken, strict=False)
-    with pytest.raises(mov.Int8RecordError, match="format"):
-        mov.quantize_from_record(released["fp32"], {"format": "other"}, tmp_path / "x.xml")
+    with pytest.raises(mint8.Int8RecordError, match="quantisers without recorded ranges"):
+        mint8.int8_from_record(released["fp32"], broken, strict=False)
+    with pytest.raises(mint8.Int8RecordError, match="format"):
+        mint8.quantize_from_record(released["fp32"], {"format": "other"}, tmp_path / "x.xml")
     assert not (tmp_path / "x.xml").exists()
     with pytest.raises(ValueError, match=r"cases \[61\] are outside the training cases 1..60"):
-        mov.calibration_crops(la_dir, released["root"], cases=[5, 61])
+        mint8.calibration_crops(la_dir, released["root"], cases=[5, 61])
 
 
 def test_network_module_shares_one_compiled_model_between_threads(released):
@@ -178,14 +179,14 @@ def test_network_module_shares_one_compiled_model_between_threads(released):
 def test_released_record_rebuilds_the_calibrated_int8_model(released):
     """The record a release carries (bundles/la_seg_finetune/configs/openvino_int8.json), with the released weights
     and the pinned OpenVINO/NNCF: rebuilt bit for bit (fingerprint), no data needed."""
-    record_file = released["root"] / mov.RANGES_FILE
+    record_file = released["root"] / mint8.RANGES_FILE
     if not record_file.is_file():
-        record_file = REPO / "bundles" / "la_seg_finetune" / mov.RANGES_FILE
+        record_file = REPO / "bundles" / "la_seg_finetune" / mint8.RANGES_FILE
     if not record_file.is_file():
-        pytest.skip(f"no int8 calibration record at {mov.RANGES_FILE} of the bundle yet")
+        pytest.skip(f"no int8 calibration record at {mint8.RANGES_FILE} of the bundle yet")
     record = json.loads(record_file.read_text())
     if record["weights_sha256"] != released["sha"]:
         pytest.skip("the bundle's int8 record is for weights that are not released yet")
-    int8 = mov.int8_from_record(released["fp32"], record, weights_sha256=released["sha"], strict=True)
+    int8 = mint8.int8_from_record(released["fp32"], record, weights_sha256=released["sha"], strict=True)
     assert mov.model_fingerprint(int8) == record["int8_fingerprint"]
-    assert all(c["position"] <= mov.DEV_TRAIN_CASES for c in record["calibration"]["cases"])
+    assert all(c["position"] <= mint8.DEV_TRAIN_CASES for c in record["calibration"]["cases"])

@@ -122,16 +122,16 @@ def _inputs(root: Path, kind: str) -> Dict[str, str]:
         raise ExportError(f"{weights}: no weights to export; pull the released bundle or train it first.")
     inputs = {"models/model.pt": file_sha256(weights)}
     if kind == "openvino-int8":
-        from medssl import openvino as ov
+        from medssl.openvino_int8 import RANGES_FILE
 
-        ranges = root / ov.RANGES_FILE
+        ranges = root / RANGES_FILE
         if not ranges.is_file():
             raise ExportError(
                 f"{ranges}: no int8 calibration record in this bundle, so runtime 'openvino-int8' is not available "
                 "(it is made at release time from training images: benchmarks/openvino_calibrate.py, i.e. "
-                "medssl.openvino.record_int8_calibration); use 'openvino'."
+                "medssl.openvino_int8.record_int8_calibration); use 'openvino'."
             )
-        inputs[ov.RANGES_FILE] = file_sha256(ranges)
+        inputs[RANGES_FILE] = file_sha256(ranges)
     return inputs
 
 
@@ -221,6 +221,7 @@ def _build(root: Path, kind: str, spec: Optional[Callable[[], nn.Module]]) -> No
         export_pt2(eager_network(root, spec), target)
     elif kind in ("openvino", "openvino-int8"):
         from medssl import openvino as ov
+        from medssl import openvino_int8 as ov_int8
 
         fp32 = root / ARTEFACTS["openvino"]
         if kind == "openvino":
@@ -229,7 +230,7 @@ def _build(root: Path, kind: str, spec: Optional[Callable[[], nn.Module]]) -> No
             if not is_fresh(root, "openvino"):
                 _build_and_record(root, "openvino", spec)
             weights = file_sha256(root / "models" / "model.pt")  # a record made for other weights is refused by name
-            ov.quantize_from_record(fp32, root / ov.RANGES_FILE, target, weights_sha256=weights)
+            ov_int8.quantize_from_record(fp32, root / ov_int8.RANGES_FILE, target, weights_sha256=weights)
     else:  # pragma: no cover - guarded by check_runtime
         raise ValueError(kind)
 

@@ -155,7 +155,7 @@ def eligible_runtimes(root: os.PathLike | str, device: Any = "cpu") -> tuple[Lis
         figures = record["runtimes"].get(runtime)
         why = f"not in {ACCURACY_FILE}" if figures is None else _meets_rule(figures)
         if why is None and runtime == "openvino-int8":
-            from medssl.openvino import RANGES_FILE
+            from medssl.openvino_int8 import RANGES_FILE
 
             if not (root / RANGES_FILE).is_file():
                 why = f"no int8 calibration record ({RANGES_FILE})"
