@@ -43,26 +43,27 @@ has no TLS and no user identity check; use ``--host 0.0.0.0`` to listen on every
 ``--index``, ``--bundle_dir``, ``--device`` (default: the GPU if there is one), ``--largest_component true``.
 SIGINT/SIGTERM stop the node after the series being segmented (if any); anything not finished is picked up at the
 next start.
+
+The parts: this module is the Storage SCP (presentation contexts, the C-ECHO and C-STORE handlers, the association
+events) and the command; :mod:`medssl.clinic.series_queue` keeps the series on disk and runs the worker and the
+sweeper; :mod:`medssl.clinic.dicom_send` sends the SEGs.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import queue
 import re
-import shutil
 import signal
 import socket
-import tempfile
 import threading
-import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Set, Tuple
+from typing import Any, Dict, Optional
 
-from medssl.data import DataError, as_bool, atomic_path, write_json
 from medssl.clinic.dicom import MR_IMAGE_STORAGE
+from medssl.clinic.dicom_send import SendError, parse_destination, send_file  # part of this module's API, as before
+from medssl.clinic.series_queue import Key, Processor, SeriesQueue
+from medssl.data import DataError, as_bool
 
 __all__ = ["DicomNode", "SegmenterProcessor", "SendError", "parse_destination", "send_file", "dicom_node"]
 
@@ -76,57 +77,8 @@ REFUSED_SOP_CLASS = 0x0122
 OUT_OF_RESOURCES = 0xA700
 DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC210
-SEND_OK = {0x0000, 0xB000, 0xB006, 0xB007}  # success and the storage warnings (the destination kept the SEG)
 
 UID_RE = re.compile(r"[0-9]+(\.[0-9]+)*")  # used with fullmatch: UIDs become folder names
-
-Key = Tuple[str, str]  # (StudyInstanceUID, SeriesInstanceUID)
-Processor = Callable[[Path, Path], Dict[str, Any]]
-
-
-class SendError(RuntimeError):
-    """A SEG could not be stored at the destination (the message says why: refused, unreachable, status)."""
-
-
-def parse_destination(destination: Optional[str]) -> Optional[Tuple[str, str, int]]:
-    """``AET@HOST:PORT`` as ``(aet, host, port)``; None or "" gives None.
-
-    Raises:
-        DataError: not of that form, an AE title over 16 characters, or a port outside 1-65535.
-    """
-    if destination is None or str(destination).strip() == "":
-        return None
-    m = re.fullmatch(r"\s*([^@]{1,16})@(\[[^\]]+\]|[^:@]+):(\d+)\s*", str(destination))
-    if not m or not m.group(1).strip() or not 0 < int(m.group(3)) < 65536:
-        raise DataError(
-            f"--destination {destination!r}: expected AET@HOST:PORT (AE title of 1-16 characters, port 1-65535), "
-            "e.g. ORTHANC@127.0.0.1:4242."
-        )
-    return m.group(1).strip(), m.group(2).strip("[]"), int(m.group(3))
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename or new entry in ``path`` durable (a crash right after the ack must not lose the file)."""
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _unique(path: Path) -> Path:
-    """``path``, or ``path.2``, ``path.3``... whichever does not exist yet."""
-    if not path.exists():
-        return path
-    n = 2
-    while path.with_name(f"{path.name}.{n}").exists():
-        n += 1
-    return path.with_name(f"{path.name}.{n}")
-
-
-def _write_text(path: Path, text: str) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text)
 
 
 def _quick_ack(event) -> None:
@@ -138,59 +90,6 @@ def _quick_ack(event) -> None:
         event.assoc.dul.socket.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_QUICKACK, 1)
     except (AttributeError, OSError):
         pass  # TLS wrapper, closed socket...: only a speed-up
-
-
-def send_file(
-    path: os.PathLike | str,
-    destination: Tuple[str, str, int],
-    ae_title: str = "MEDSSL",
-    retries: int = 3,
-    timeout: float = 60.0,
-    stop: Optional[threading.Event] = None,
-) -> float:
-    """C-STORE the DICOM file ``path`` to ``destination`` ``(aet, host, port)``, trying up to ``retries`` times
-    (2 s, 4 s, 8 s... apart); returns the seconds it took.
-
-    Raises:
-        SendError: every attempt failed (unreachable, association rejected or aborted, a failure status); the
-            message has the last reason.
-    """
-    import pydicom
-    from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
-    from pynetdicom import AE
-
-    start = time.perf_counter()
-    ds = pydicom.dcmread(str(path))
-    syntaxes = list(dict.fromkeys([ds.file_meta.TransferSyntaxUID, ExplicitVRLittleEndian, ImplicitVRLittleEndian]))
-    ae = AE(ae_title=ae_title)
-    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
-    ae.add_requested_context(ds.SOPClassUID, syntaxes)
-    aet, host, port = destination
-    reason = "no attempt made"
-    for attempt in range(1, max(1, int(retries)) + 1):
-        try:
-            assoc = ae.associate(host, port, ae_title=aet)
-            if assoc.is_established:
-                try:
-                    status = assoc.send_c_store(ds)
-                finally:
-                    assoc.release()
-                code = getattr(status, "Status", None)
-                if code in SEND_OK:
-                    return time.perf_counter() - start
-                reason = "no answer (timeout or abort)" if code is None else f"status 0x{code:04X}"
-            elif assoc.is_rejected:
-                reason = "association rejected (check the destination's AE title and that it knows this node)"
-            else:
-                reason = "association aborted or destination unreachable"
-        except (OSError, ValueError, RuntimeError) as e:  # pynetdicom raises ValueError when no context fits
-            reason = f"{type(e).__name__}: {e}"
-        log.warning(
-            "sending %s to %s@%s:%s, attempt %d/%d: %s", Path(path).name, aet, host, port, attempt, retries, reason
-        )
-        if attempt < retries and (stop.wait(2.0**attempt) if stop else time.sleep(2.0**attempt)):
-            break
-    raise SendError(f"{path}: not stored at {aet}@{host}:{port} after {retries} attempt(s): {reason}")
 
 
 class SegmenterProcessor:
@@ -214,6 +113,7 @@ class SegmenterProcessor:
         if not results:
             return {"status": "failed", "error": f"{series_dir}: the segmenter returned no result"}
         return next((r for r in results if r.get("status") == "ok"), results[0])
+
 
 
 class DicomNode:
@@ -264,22 +164,16 @@ class DicomNode:
         self.send_retries = max(1, int(send_retries))
         self.process = process
         self.processor_options = dict(processor_options or {})
-        self.dirs = {name: self.workdir / name for name in ("incoming", "processing", "done", "failed", "tmp")}
-        self._queue: "queue.Queue[Key]" = queue.Queue(maxsize=self.max_queue)
-        self._lock = threading.RLock()  # file moves between incoming/ and processing/, and the state below
-        self._last_seen: Dict[Key, float] = {}
-        self._first_seen: Dict[Key, float] = {}
-        self._received: Dict[Key, int] = {}
-        self._active: Dict[Key, int] = {}  # open associations that stored into the series
-        self._assoc_series: Dict[int, Set[Key]] = {}
-        self._released: Set[Key] = set()
-        self._queued: Set[Key] = set()
-        self._full_logged: Set[Key] = set()
-        self._unsent: List[Path] = []
-        self._stop = threading.Event()
-        self._threads: List[threading.Thread] = []
+        self.series = SeriesQueue(
+            self.workdir,
+            self.quiet_seconds,
+            self.max_queue,
+            destination=self.destination,
+            ae_title=self.ae_title,
+            send_retries=self.send_retries,
+        )
         self._server = None
-        self.busy = threading.Event()  # set while a series is being processed (tests, status)
+        self.busy = self.series.busy  # set while a series is being processed (tests, status)
 
     # lifecycle ---------------------------------------------------------------------------------------------------
 
@@ -297,9 +191,7 @@ class DicomNode:
         for name in ("pynetdicom", "highdicom", "ignite.engine"):
             if logging.getLogger(name).level == logging.NOTSET:
                 logging.getLogger(name).setLevel(logging.WARNING)
-        for d in self.dirs.values():
-            d.mkdir(parents=True, exist_ok=True)
-        self._recover()
+        self.series.recover()
         ae = AE(ae_title=self.ae_title)
         ae.acse_timeout = 30
         ae.dimse_timeout = 60
@@ -334,11 +226,8 @@ class DicomNode:
                 self._server.shutdown()
                 self._server = None
                 raise
-        self._stop.clear()
-        for name, target in (("worker", self._work), ("sweeper", self._sweep_loop)):
-            t = threading.Thread(target=target, name=f"dicom_node-{name}", daemon=True)
-            t.start()
-            self._threads.append(t)
+        self.series.process = self.process
+        self.series.start()
         dest = "%s@%s:%s" % self.destination if self.destination else "none (SEGs stay in done/)"
         log.info(
             "listening as %s on %s:%d; destination %s; workdir %s; quiet %.0f s; queue bound %d",
@@ -354,13 +243,11 @@ class DicomNode:
 
     def stop(self, timeout: float = 120.0) -> None:
         """Stop accepting associations, let the worker finish its current series (up to ``timeout`` s)."""
-        self._stop.set()
+        self.series.request_stop()
         if self._server is not None:
             self._server.shutdown()
             self._server = None
-        for t in self._threads:
-            t.join(timeout=timeout)
-        self._threads = []
+        self.series.stop(timeout)
 
     def serve_forever(self) -> None:
         """:meth:`start`, then run until SIGINT/SIGTERM."""
@@ -385,42 +272,7 @@ class DicomNode:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    # storage ------------------------------------------------------------------------------------------------------
-
-    def _series_dir(self, key: Key) -> Path:
-        return self.dirs["incoming"] / key[0] / key[1]
-
-    def _store(self, key: Key, sop_uid: str, data: bytes) -> Path:
-        """Write one instance durably: temp file in ``tmp/``, fsync, rename into its series folder, fsync the folder.
-
-        Raises:
-            OSError: disk full, permissions... (the caller answers Out of resources).
-        """
-        fd, tmp = tempfile.mkstemp(dir=self.dirs["tmp"], suffix=".part")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            with self._lock:  # the worker must not move the series folder between mkdir and rename
-                folder = self._series_dir(key)
-                created = not folder.is_dir()
-                folder.mkdir(parents=True, exist_ok=True)
-                target = folder / f"{sop_uid}.dcm"
-                os.replace(tmp, target)
-                _fsync_dir(folder)
-                if created:
-                    _fsync_dir(folder.parent)
-                    _fsync_dir(folder.parent.parent)
-                now = time.monotonic()
-                self._last_seen[key] = now
-                self._first_seen.setdefault(key, now)
-                self._received[key] = self._received.get(key, 0) + 1
-            return target
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+    # associations -------------------------------------------------------------------------------------------------
 
     def _on_echo(self, event) -> int:
         return SUCCESS
@@ -457,219 +309,21 @@ class DicomNode:
             return DATASET_MISMATCH
         key: Key = (uids[0], uids[1])
         try:
-            self._store(key, sop_uid, event.encoded_dataset())
+            self.series.store(key, sop_uid, event.encoded_dataset())
         except OSError as e:
             log.error("could not store instance %s of series %s from %s: %s", sop_uid, key[1], peer, e)
             return OUT_OF_RESOURCES
-        with self._lock:
-            series = self._assoc_series.setdefault(id(event.assoc), set())
-            if key not in series:
-                series.add(key)
-                self._active[key] = self._active.get(key, 0) + 1
-                self._released.discard(key)
-                log.info("receiving series %s (study %s) from %s", key[1], key[0], peer)
+        if self.series.opened(id(event.assoc), key):
+            log.info("receiving series %s (study %s) from %s", key[1], key[0], peer)
         return SUCCESS
 
     def _on_released(self, event) -> None:
         """A released association completes the series it sent (unless another open association still sends)."""
-        with self._lock:
-            keys = self._assoc_series.pop(id(event.assoc), set())
-            for key in keys:
-                self._active[key] = max(0, self._active.get(key, 1) - 1)
-                self._released.add(key)
-        if keys:
-            self._sweep()
+        self.series.released(id(event.assoc))
 
     def _on_closed(self, event) -> None:
         """Aborted or dropped: the series wait for the quiet period (the sender may come back and finish)."""
-        with self._lock:
-            for key in self._assoc_series.pop(id(event.assoc), set()):
-                self._active[key] = max(0, self._active.get(key, 1) - 1)
-
-    # scheduling ---------------------------------------------------------------------------------------------------
-
-    def _recover(self) -> None:
-        """Tidy what a previous run left: partial writes, series caught in processing/, unsent SEGs."""
-        for p in self.dirs["tmp"].iterdir():
-            p.unlink() if p.is_file() else shutil.rmtree(p, ignore_errors=True)
-        for job in sorted(self.dirs["processing"].glob("*/*")):
-            src = job / "instances"
-            target = self.dirs["incoming"] / job.parent.name / job.name
-            target.mkdir(parents=True, exist_ok=True)
-            moved = 0
-            for f in src.glob("*.dcm") if src.is_dir() else []:
-                if not (target / f.name).exists():
-                    os.replace(f, target / f.name)
-                    moved += 1
-            _fsync_dir(target)
-            shutil.rmtree(job)
-            log.info(
-                "series %s was being processed when the node stopped: back to incoming/ (%d files)", job.name, moved
-            )
-        for d in list(self.dirs["processing"].iterdir()):
-            shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink()
-        left = sorted(self.dirs["incoming"].glob("*/*"))
-        if left:
-            log.info(
-                "%d series left in incoming/ by a previous run: processed after %.0f s quiet",
-                len(left),
-                self.quiet_seconds,
-            )
-        self._unsent = sorted(p.parent for p in self.dirs["done"].glob("*/unsent.txt"))
-        if self._unsent and self.destination:
-            log.info("%d SEG(s) in done/ were not sent: sending them again", len(self._unsent))
-
-    def _sweep_loop(self) -> None:
-        interval = min(1.0, self.quiet_seconds / 4)
-        while not self._stop.wait(interval):
-            try:
-                self._sweep()
-            except Exception:  # noqa: BLE001 - the sweeper must survive e.g. a folder removed by hand
-                log.exception("sweeping incoming/")
-
-    def _sweep(self) -> None:
-        """Queue every complete series in ``incoming/`` that is not queued yet (as many as the bound allows)."""
-        now = time.monotonic()
-        with self._lock:
-            for folder in sorted(self.dirs["incoming"].glob("*/*")):
-                key: Key = (folder.parent.name, folder.name)
-                if key in self._queued or not folder.is_dir():
-                    continue
-                last = self._last_seen.setdefault(key, now)  # a leftover: its quiet period starts now
-                released = key in self._released and self._active.get(key, 0) == 0
-                quiet = now - last >= self.quiet_seconds
-                if not (released or quiet):
-                    continue
-                try:
-                    self._queue.put_nowait(key)
-                except queue.Full:
-                    if key not in self._full_logged:
-                        self._full_logged.add(key)
-                        log.warning("work queue full (%d series): series %s waits in incoming/", self.max_queue, key[1])
-                    continue
-                self._queued.add(key)
-                self._full_logged.discard(key)
-                n = sum(1 for _ in folder.glob("*.dcm"))
-                log.info(
-                    "received series %s with %d instances (%s); queued, %d waiting",
-                    key[1],
-                    n,
-                    "association released" if released else f"{self.quiet_seconds:.0f} s quiet",
-                    self._queue.qsize(),
-                )
-
-    # work ---------------------------------------------------------------------------------------------------------
-
-    def _work(self) -> None:
-        if self._unsent and self.destination:
-            for folder in self._unsent:
-                if self._stop.is_set():
-                    return
-                self._send_from(folder)
-        while not self._stop.is_set():
-            try:
-                key = self._queue.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            self.busy.set()
-            try:
-                self._process_series(key)
-            except Exception:  # noqa: BLE001 - one series' disaster must not stop the node
-                log.exception("processing series %s", key[1])
-            finally:
-                with self._lock:
-                    self._queued.discard(key)
-                self.busy.clear()
-
-    def _process_series(self, key: Key) -> None:
-        study, series = key
-        job = self.dirs["processing"] / study / series
-        with self._lock:
-            src = self._series_dir(key)
-            if not src.is_dir():
-                return
-            job.parent.mkdir(parents=True, exist_ok=True)
-            if job.exists():
-                shutil.rmtree(job)
-            job.mkdir()
-            os.rename(src, job / "instances")  # later instances of this series start a new folder
-            _fsync_dir(job)
-            try:
-                src.parent.rmdir()
-            except OSError:
-                pass  # another series of the study is still there
-            first = self._first_seen.pop(key, None)
-            for state in (self._last_seen, self._received):
-                state.pop(key, None)
-            self._released.discard(key)
-        n = sum(1 for _ in (job / "instances").glob("*.dcm"))
-        log.info("segmenting series %s (%d instances)", series, n)
-        t0 = time.perf_counter()
-        try:
-            result = dict(self.process(job / "instances", job / "output") or {})
-        except Exception as e:  # noqa: BLE001 - the Segmenter should not raise; a custom processor might
-            log.exception("processing series %s raised", series)
-            result = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
-        seconds = time.perf_counter() - t0
-        seg = Path(result["dicom_seg"]) if result.get("dicom_seg") else None
-        if result.get("status") == "ok" and (seg is None or not seg.is_file()):
-            result.update(status="failed", error=f"the segmenter reported success but wrote no SEG ({seg})")
-        record = {
-            "study_uid": study,
-            "series_uid": series,
-            "instances": n,
-            "status": result.get("status"),
-            "error": result.get("error"),
-            "volume_ml": result.get("volume_ml"),
-            "segment_seconds": round(seconds, 2),
-        }
-        if result.get("status") != "ok":
-            reason = " ".join(str(result.get("error") or "unknown error").split()) or "unknown error"
-            _write_text(job / "reason.txt", reason + "\n")
-            write_json(record, job / "result.json")
-            target = _unique(self.dirs["failed"] / series)
-            os.replace(job, target)
-            log.warning("series %s failed, no SEG: %s (moved to %s)", series, reason, target)
-            self._tidy(job.parent)
-            return
-        (job / "output").mkdir(exist_ok=True)
-        if job not in seg.resolve().parents:  # keep the SEG with its series whatever the processor did
-            shutil.copy2(seg, job / "output" / seg.name)
-            seg = job / "output" / seg.name
-        rel = seg.resolve().relative_to(job.resolve())
-        record["dicom_seg"] = str(rel)
-        if self.destination:
-            _write_text(job / "unsent.txt", "not sent yet\n")  # a crash while sending leaves this for the restart
-        write_json(record, job / "result.json")
-        target = _unique(self.dirs["done"] / series)
-        os.replace(job, target)
-        self._tidy(job.parent)
-        log.info("series %s segmented in %.1f s (%s mL): %s", series, seconds, result.get("volume_ml"), target / rel)
-        if self.destination:
-            self._send_from(target, first)
-
-    def _tidy(self, study_dir: Path) -> None:
-        try:
-            study_dir.rmdir()
-        except OSError:
-            pass
-
-    def _send_from(self, folder: Path, first_seen: Optional[float] = None) -> bool:
-        """Send the SEG of a done/ folder; on failure leave ``unsent.txt`` with the reason (retried at restart)."""
-        try:
-            record = json.loads((folder / "result.json").read_text())
-            seg = folder / record["dicom_seg"]
-            seconds = send_file(
-                seg, self.destination, ae_title=self.ae_title, retries=self.send_retries, stop=self._stop
-            )
-        except (SendError, OSError, KeyError, ValueError) as e:
-            _write_text(folder / "unsent.txt", f"{e}\n")
-            log.error("SEG of %s NOT sent (kept in %s): %s", folder.name, folder, e)
-            return False
-        (folder / "unsent.txt").unlink(missing_ok=True)
-        since = f"; {time.monotonic() - first_seen:.1f} s after its first instance" if first_seen else ""
-        log.info("SEG of series %s sent to %s@%s:%s in %.1f s%s", folder.name, *self.destination, seconds, since)
-        return True
+        self.series.closed(id(event.assoc))
 
 
 def dicom_node(
