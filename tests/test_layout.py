@@ -160,3 +160,15 @@ def test_the_checks_find_what_they_forbid(tmp_path):
         ["medssl.cli", "medssl.clinic.segment", "medssl.lab.demo", "medssl.networks"],
         ["medssl.data", "medssl.export", "medssl.openvino"],
     ]
+
+
+# "one concern per module, about 600 lines at most": a module past this is due for a split along its concerns
+MAX_MODULE_LINES = 650
+
+
+def test_no_module_is_past_the_size_of_one_concern():
+    files = [p for p in sorted(PACKAGE.rglob("*.py")) + sorted((REPO / "apps").rglob("*.py")) if "model" not in p.parts]
+    lines = {str(p.relative_to(REPO)): len(p.read_text().splitlines()) for p in files}
+    assert len(lines) > 40 and "shared/medssl/openvino_int8.py" in lines and "apps/monailabel/main.py" in lines
+    too_long = {path: n for path, n in lines.items() if n > MAX_MODULE_LINES}
+    assert not too_long, f"modules past {MAX_MODULE_LINES} lines (split them by concern): {too_long}"
