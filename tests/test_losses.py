@@ -290,3 +290,121 @@ def test_pcrl_objective_targets():
     )
     assert float(out["loss"]) == pytest.approx(float(total), rel=1e-6)
     assert int(objective.contrast.queue_ptr) == (3 * 2) % 8  # three contrasts enqueue their keys (official)
+
+
+# -- several classes ------------------------------------------------------------------------------------------------
+
+
+def test_foreground_one_hot():
+    from medssl.losses import foreground_one_hot
+
+    label = torch.tensor([0, 1, 2, 3, 1.0]).reshape(1, 1, 5, 1, 1)
+    hot = foreground_one_hot(label, 4)
+    assert hot.shape == (1, 3, 5, 1, 1) and hot.dtype == torch.float32
+    assert hot[0, :, :, 0, 0].tolist() == [[0, 1, 0, 0, 1], [0, 0, 1, 0, 0], [0, 0, 0, 1, 0]]
+    binary = (torch.rand(2, 1, 4, 4, 4) > 0.5).float()
+    assert torch.equal(foreground_one_hot(binary, 2), (binary == 1).float())  # two classes: label == 1, as before
+    with pytest.raises(ValueError, match=r"label values \[0, 1, 2, 3\] are outside the 3 classes 0..2"):
+        foreground_one_hot(label, 3)
+    with pytest.raises(ValueError, match=r"class-id label \[B, 1, \*spatial\]"):
+        foreground_one_hot(torch.zeros(1, 2, 4, 4, 4), 3)
+
+
+def test_elastic_energy_of_several_classes_is_the_mean_over_classes():
+    """d = p - y alternating +a, -a along one axis of two voxels: the only mode is k = pi with |FFT|^2 = (2a)^2, so
+    E = pi (2a)^2 / 2^2 = pi a^2 per channel; channels (classes) are averaged."""
+    loss = ElasticInteractionLoss()
+    p = torch.tensor([[0.5, 0.0], [0.25, 0.0], [0.0, 0.0]]).reshape(1, 3, 2, 1, 1)
+    y = torch.tensor([[0.0, 0.5], [0.0, 0.25], [0.0, 0.0]]).reshape(1, 3, 2, 1, 1)  # d: a = 0.5, 0.25, 0
+    assert float(loss(p, y)) == pytest.approx(math.pi * (0.5**2 + 0.25**2 + 0) / 3, rel=1e-6)
+
+
+def test_cvrl_objective_four_classes():
+    """Four classes (the CT set of the issue crashed here): the contour term is the elastic energy of each foreground
+    class's probability against its one-hot label, averaged over the classes, computed here class by class."""
+    torch.manual_seed(0)
+    student = VNet(out_channels=4, proj_dim=8)
+    teacher = ema_copy(student)
+    objective = CVRLLoss(dim=8, num_voxels=16, queue_size=8, rampup_iterations=100)
+    image_l, image_u = torch.randn(2, 1, 16, 16, 16), torch.randn(2, 1, 16, 16, 16)
+    label_l = torch.randint(0, 4, (2, 1, 16, 16, 16)).float()
+    out = objective(HeadsForward(student), teacher.forward_heads, image_l, label_l, image_u, iteration=0)
+    prob = out["pred"].detach().float().softmax(1)
+    per_class = [ElasticInteractionLoss()(prob[:, c : c + 1], (label_l == c).float()) for c in (1, 2, 3)]
+    assert float(out["loss_contour"]) == pytest.approx(float(sum(per_class) / 3), rel=1e-5)
+    assert out["pred"].shape == (2, 4, 16, 16, 16) and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    with pytest.raises(ValueError, match=r"label values \[0, 1, 2, 4\] are outside the 4 classes"):
+        bad = label_l + (label_l == 3).float()  # a 4 where there were 3s
+        objective(HeadsForward(student), teacher.forward_heads, image_l, bad, image_u, 0)
+
+
+def test_boundary_sampling_gives_each_class_its_share():
+    from medssl.losses.simcvd import _per_class_index, _weighted_index
+
+    torch.manual_seed(0)
+    sdm = torch.ones(1, 3, 1000)
+    sdm[0, 0, :10] = 0.0  # class 1's boundary band: voxels 0-9
+    sdm[0, 1, 500:510] = 0.0  # class 2's: 500-509
+    sdm[0, 2, 990:] = 0.0  # class 3's: 990-999
+    weights = torch.exp(-sdm.abs() / 0.05)
+    index = _per_class_index(weights, 7)[0]
+    assert index.shape == (7,) and len(set(index.tolist())) == 7  # distinct anchors
+    assert [int(((lo <= index) & (index < lo + 10)).sum()) for lo in (0, 500, 990)] == [3, 2, 2]  # 7 = 3 + 2 + 2
+    # a band smaller than its share: the class takes what is left of it after the classes before it, then elsewhere
+    assert len(set(_per_class_index(weights, 40)[0].tolist())) == 40
+    # one class: exactly the draw of today
+    torch.manual_seed(1)
+    one = _per_class_index(weights[:, :1], 8)
+    torch.manual_seed(1)
+    assert torch.equal(one, _weighted_index(weights[:, 0], 8))
+
+
+def test_simcvd_objective_four_classes():
+    from medssl.losses import BoundaryAwareContrastLoss, SimCVDLoss
+    from medssl.transforms import SignedDistanceMapd
+
+    torch.manual_seed(0)
+    student = VNet(out_channels=4, sdm_head=True, proj_dim=8)
+    teacher = ema_copy(student)
+    objective = SimCVDLoss(dim=8, num_voxels=16, rampup_iterations=100)
+    image_l, image_u = torch.randn(2, 1, 16, 16, 16), torch.randn(2, 1, 16, 16, 16)
+    label_l = torch.randint(0, 4, (2, 1, 16, 16, 16)).float()
+    sdm = torch.stack([SignedDistanceMapd("label", num_classes=4)({"label": lab})["sdm"] for lab in label_l])
+    assert sdm.shape == (2, 3, 16, 16, 16)
+    out = objective(HeadsForward(student), teacher.forward_heads, image_l, label_l, image_u, iteration=50, sdm=sdm)
+    assert torch.isfinite(out["loss"]) and out["pred"].shape == (2, 4, 16, 16, 16)
+    out["loss"].backward()
+    with pytest.raises(ValueError, match=r"'sdm' is \[2, 1, 16, 16, 16\], the SDM head gives \[2, 3, 16, 16, 16\]"):
+        objective(HeadsForward(student), teacher.forward_heads, image_l, label_l, image_u, 50, sdm=sdm[:, :1])
+    with pytest.raises(ValueError, match=r"sdm must be \[B, K, \*spatial\]"):
+        BoundaryAwareContrastLoss()(torch.randn(1, 4, 8, 8, 8), torch.randn(1, 4, 8, 8, 8), sdm=torch.zeros(1, 8, 8, 8))
+
+
+def test_binary_objectives_give_the_values_of_before():
+    """LA unchanged: CVRL and SimCVD with two classes give the values they gave before the multi-class change (the
+    seeded cases of the two objective tests above, recorded with the binary code on the 2-core AMD EPYC)."""
+    from medssl.losses import SimCVDLoss
+    from medssl.transforms import signed_distance_map
+
+    torch.manual_seed(0)
+    student = VNet(proj_dim=8)
+    teacher = ema_copy(student)
+    objective = CVRLLoss(dim=8, num_voxels=16, queue_size=8, rampup_iterations=100)  # draws its queue: before the data
+    image_l, image_u = torch.randn(2, 1, 16, 16, 16), torch.randn(2, 1, 16, 16, 16)
+    label_l = (torch.rand(2, 1, 16, 16, 16) > 0.7).float()
+    out = objective(HeadsForward(student), teacher.forward_heads, image_l, label_l, image_u, iteration=0)
+    recorded = {"loss": 0.724089, "loss_sup": 0.651744, "loss_contour": 0.701637, "loss_consistency": 0.03318,
+                "loss_global": 0.714349, "loss_local": 2.489337}  # fmt: skip
+    assert {k: float(out[k]) for k in recorded} == pytest.approx(recorded, rel=2e-4)
+    torch.manual_seed(0)
+    student = VNet(sdm_head=True, proj_dim=8)
+    teacher = ema_copy(student)
+    objective = SimCVDLoss(dim=8, num_voxels=16, rampup_iterations=100)
+    image_l, image_u = torch.randn(2, 1, 16, 16, 16), torch.randn(2, 1, 16, 16, 16)
+    label_l = (torch.rand(2, 1, 16, 16, 16) > 0.7).float()
+    sdm = torch.stack([torch.as_tensor(signed_distance_map(lab[0].numpy()))[None] for lab in label_l])
+    out = objective(HeadsForward(student), teacher.forward_heads, image_l, label_l, image_u, iteration=50, sdm=sdm)
+    recorded = {"loss": 0.95124, "loss_seg": 0.644401, "loss_sdm": 0.743561, "loss_contrast": 2.726048,
+                "loss_distill": 0.145967, "loss_consistency": 0.051891}  # fmt: skip
+    assert {k: float(out[k]) for k in recorded} == pytest.approx(recorded, rel=2e-4)

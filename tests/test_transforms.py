@@ -51,3 +51,24 @@ def test_dict_transform():
     assert out["sdm"].shape == (1, 7, 1, 1)
     np.testing.assert_allclose(out["sdm"].ravel().numpy(), [1, 0.5, 0, -1, 0, 0.5, 1])
     assert "sdm" not in SignedDistanceMapd("label")({"image": torch.zeros(1, 7, 1, 1)})  # unlabeled: skipped
+
+
+def test_dict_transform_one_map_per_foreground_class():
+    """num_classes=4 on a class-id label: three maps, each the SDM of its class (1D runs, hand-computed)."""
+    label = torch.tensor([0, 1, 1, 1, 0, 3, 3, 0, 0.0]).reshape(1, 9, 1, 1)  # class 2 absent from this patch
+    out = SignedDistanceMapd("label", num_classes=4)({"label": label})["sdm"]
+    assert out.shape == (3, 9, 1, 1)
+    # class 1 at 1-3: outside distances 1 | 1, 2, 3, 4, 5 -> /5; inside 1, 2, 1 -> /2, the run's ends 0
+    np.testing.assert_allclose(out[0].ravel().numpy(), [0.2, 0, -1, 0, 0.2, 0.4, 0.6, 0.8, 1.0], atol=1e-6)
+    assert not out[1].any()  # an absent class: all zeros (DTC's empty-mask rule)
+    np.testing.assert_allclose(out[2].ravel().numpy(), [1, 0.8, 0.6, 0.4, 0.2, 0, 0, 0.2, 0.4], atol=1e-6)
+    # two classes: the binary map of today
+    binary = torch.tensor([0, 0, 1, 1, 1, 0, 0.0]).reshape(1, 7, 1, 1)
+    np.testing.assert_array_equal(
+        SignedDistanceMapd("label", num_classes=2)({"label": binary})["sdm"].numpy(),
+        SignedDistanceMapd("label")({"label": binary})["sdm"].numpy(),
+    )
+    with pytest.raises(ValueError, match=r"'label' holds values \[0.0, 1.0, 3.0, 5.0\]; expected class ids 0..3"):
+        SignedDistanceMapd("label", num_classes=4)({"label": torch.tensor([0, 1, 3, 5.0]).reshape(1, 4, 1, 1)})
+    with pytest.raises(ValueError, match="num_classes must be at least 2"):
+        SignedDistanceMapd("label", num_classes=1)

@@ -11,7 +11,8 @@ Building blocks (each a small module or function with its math pinned by tests o
   (:mod:`medssl.losses.elastic`).
 - :class:`BoundaryAwareContrastLoss`, :class:`PairwiseSimilarityDistillationLoss`: SimCVD's two unsupervised terms
   (:mod:`medssl.losses.simcvd`).
-- :func:`supervised_loss`: the LA benchmark's Dice + cross-entropy (:mod:`medssl.losses.segmentation`).
+- :func:`supervised_loss`: the LA benchmark's Dice + cross-entropy, and :func:`foreground_one_hot`, a class-id label as
+  one channel per foreground class (:mod:`medssl.losses.segmentation`).
 
 Objectives (what :class:`medssl.engines.SemiSupervisedTrainer` calls each iteration):
 
@@ -30,7 +31,7 @@ from medssl.losses.cvrl import CVRLLoss, VoxelToVolumeContrastLoss, VoxelToVoxel
 from medssl.losses.elastic import ElasticInteractionLoss
 from medssl.losses.mean_teacher import sigmoid_rampup, softmax_mse
 from medssl.losses.pcrl import PCRLLoss, QueueInfoNCELoss, _split_bn_encode  # noqa: F401 (tests import it here)
-from medssl.losses.segmentation import supervised_loss
+from medssl.losses.segmentation import foreground_one_hot, supervised_loss
 from medssl.losses.simcvd import BoundaryAwareContrastLoss, PairwiseSimilarityDistillationLoss, SimCVDLoss
 from medssl.losses.spark import SparKLoss, spark_loss
 
@@ -38,6 +39,7 @@ __all__ = [
     "sigmoid_rampup",
     "softmax_mse",
     "supervised_loss",
+    "foreground_one_hot",
     "VoxelToVoxelContrastLoss",
     "VoxelToVolumeContrastLoss",
     "ElasticInteractionLoss",

@@ -19,7 +19,7 @@ from torch import nn
 
 from medssl.losses.elastic import ElasticInteractionLoss
 from medssl.losses.mean_teacher import sigmoid_rampup, softmax_mse
-from medssl.losses.segmentation import supervised_loss
+from medssl.losses.segmentation import foreground_one_hot, supervised_loss
 from medssl.losses.voxel_sampling import _check_embeddings, _sample_voxels
 
 __all__ = ["VoxelToVoxelContrastLoss", "VoxelToVolumeContrastLoss", "CVRLLoss"]
@@ -124,8 +124,11 @@ class CVRLLoss(nn.Module):
       teacher on ``image_u + noise`` (noise ``clip(N(0, noise_std), -noise_clip, noise_clip)``, UA-MT's view);
     - ``loss = sup + contour_weight * contour + w(it) * (consistency_weight * mse + global_weight * global
       + local_weight * local)`` with ``sup`` the LA supervised loss, ``contour`` the elastic energy between the
-      student's foreground probability and the label (labeled batch), ``mse`` the softmax mean-teacher consistency
-      on the unlabeled batch, and ``w`` the sigmoid ramp-up over ``rampup_iterations``.
+      student's probability of each foreground class and that class's one-hot label (labeled batch; averaged over
+      the classes, so with one foreground class it is the energy of the foreground), ``mse`` the softmax
+      mean-teacher consistency on the unlabeled batch, and ``w`` the sigmoid ramp-up over ``rampup_iterations``.
+      The contrasts sample voxels uniformly over the whole volume, whatever their class (CVRL's rule: the unlabeled
+      batch has no classes to sample by).
 
     The student passed in returns the VNet's heads dict (``medssl.networks.HeadsForward``), the teacher callable
     likewise (``teacher.forward_heads``); both need ``proj`` (``VNet(proj_dim=dim)``).
@@ -182,8 +185,9 @@ class CVRLLoss(nn.Module):
         with torch.no_grad():
             tea = teacher(image_u + noise)
         logits_l, logits_u = out["logits"][:n_l], out["logits"][n_l:]
+        contour_target = foreground_one_hot(label_l, logits_l.shape[1])  # checks the label's values first
         sup = self.supervised(logits_l, label_l)
-        contour = self.contour(logits_l.float().softmax(1)[:, 1:], (label_l == 1).float())
+        contour = self.contour(logits_l.float().softmax(1)[:, 1:], contour_target)
         consistency = softmax_mse(logits_u.float(), tea["logits"].float())
         query, key = out["proj"][n_l:].float(), tea["proj"].float()
         global_ = self.global_contrast(query, key)

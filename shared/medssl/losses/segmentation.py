@@ -9,7 +9,10 @@ from __future__ import annotations
 
 from monai.losses import DiceCELoss
 
-__all__ = ["supervised_loss"]
+import torch
+import torch.nn.functional as F
+
+__all__ = ["supervised_loss", "foreground_one_hot"]
 
 
 def supervised_loss() -> DiceCELoss:
@@ -26,3 +29,19 @@ def supervised_loss() -> DiceCELoss:
         lambda_dice=0.5,
         lambda_ce=0.5,
     )
+
+
+def foreground_one_hot(label: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[B, num_classes - 1, *spatial]`` float one-hot of the foreground classes 1..num_classes-1 of a class-id
+    label ``[B, 1, *spatial]`` (with two classes: ``label == 1``).
+
+    Raises:
+        ValueError: the label is not one channel of class ids, or holds values outside 0..num_classes-1.
+    """
+    if label.ndim < 3 or label.shape[1] != 1:
+        raise ValueError(f"expected a class-id label [B, 1, *spatial], got {list(label.shape)}.")
+    ids = label[:, 0].round().long()
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= int(num_classes)):
+        found = sorted(int(v) for v in torch.unique(ids))
+        raise ValueError(f"label values {found} are outside the {num_classes} classes 0..{int(num_classes) - 1}.")
+    return F.one_hot(ids, int(num_classes)).movedim(-1, 1)[:, 1:].float()

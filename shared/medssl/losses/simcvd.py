@@ -28,6 +28,27 @@ def _weighted_index(weights: torch.Tensor, num_voxels: int) -> torch.Tensor:
     return torch.multinomial(weights.float().clamp_min(1e-12), n, replacement=False)
 
 
+def _per_class_index(weights: torch.Tensor, num_voxels: int) -> torch.Tensor:
+    """``[B, N]`` distinct flat voxel indices, an equal share of ``N`` (the first classes take the remainder) drawn
+    from each class's weights ``[B, K, V]`` in turn, without replacement and never a voxel drawn before. With one
+    class it is :func:`_weighted_index` (the same draw from the same random state)."""
+    k, v = weights.shape[1], weights.shape[2]
+    n = min(int(num_voxels), v)
+    if k == 1:
+        return _weighted_index(weights[:, 0], n)
+    shares = [n // k + (1 if c < n % k else 0) for c in range(k)]
+    taken = torch.zeros(weights.shape[0], v, dtype=torch.bool, device=weights.device)
+    parts = []
+    for c, share in enumerate(shares):
+        if share == 0:
+            continue
+        w = weights[:, c].float().clamp_min(1e-12).masked_fill(taken, 0.0)
+        idx = torch.multinomial(w, share, replacement=False)
+        taken.scatter_(1, idx, True)
+        parts.append(idx)
+    return torch.cat(parts, dim=1)
+
+
 class BoundaryAwareContrastLoss(nn.Module):
     """SimCVD's contrast between two dropout views of one unlabeled volume, focused on the object boundary.
 
@@ -37,11 +58,14 @@ class BoundaryAwareContrastLoss(nn.Module):
     two views are a positive pair, the other sampled voxels negatives (symmetric InfoNCE). Boundary awareness:
     voxels are sampled with probability ``exp(-|sdm| / band)`` from the student's (detached) signed-distance
     prediction, so most anchors lie near the predicted boundary, where the segmentation is uncertain. The
-    sampling rule and its ``band`` are our reading of "boundary-aware" (SimCVD has no public code).
+    sampling rule and its ``band`` are our reading of "boundary-aware" (SimCVD has no public code). With several
+    foreground classes (one SDM channel each) every class's boundary band gets an equal share of the ``N`` anchors,
+    so a small structure is not crowded out by a large one; the anchors are distinct voxels.
 
     Forward args:
         view1, view2: ``[B, D, *spatial]`` embeddings of the two views (both differentiated).
-        sdm: ``[B, 1, *spatial]`` predicted signed distance map in [-1, 1] (only used for sampling).
+        sdm: ``[B, K, *spatial]`` predicted signed distance maps in [-1, 1], one per foreground class (only used
+            for sampling).
         index: optional ``[B, N]`` flat voxel indices (then ``sdm`` is ignored).
     """
 
@@ -60,8 +84,13 @@ class BoundaryAwareContrastLoss(nn.Module):
         if index is None:
             if sdm is None:
                 raise ValueError("BoundaryAwareContrastLoss: give the signed distance map (or the voxel index).")
-            weights = torch.exp(-sdm.detach().abs().flatten(1) / self.band)  # [B, V] (one SDM channel)
-            index = _weighted_index(weights, self.num_voxels)
+            if sdm.ndim != view1.ndim or sdm.shape[0] != view1.shape[0] or sdm.shape[2:] != view1.shape[2:]:
+                raise ValueError(
+                    f"BoundaryAwareContrastLoss: sdm must be [B, K, *spatial] of the views' batch and spatial size "
+                    f"{[view1.shape[0], 'K', *view1.shape[2:]]}, got {list(sdm.shape)}."
+                )
+            weights = torch.exp(-sdm.detach().abs().flatten(2) / self.band)  # [B, K, V]: one row per class
+            index = _per_class_index(weights, self.num_voxels)
         a, b = _sample_voxels(view1, view2, self.num_voxels, index)
         target = torch.arange(a.shape[1], device=a.device).expand(a.shape[0], -1).flatten()
         logits = torch.bmm(a, b.transpose(1, 2)) / self.temperature
@@ -109,7 +138,8 @@ class SimCVDLoss(nn.Module):
       of each unlabeled volume are the two views, differing only by their dropout masks; a teacher pass on
       ``image_u``;
     - ``sup = seg + sdm_weight * mse(sdm_pred, sdm_label)`` on the labeled half (seg: the LA supervised loss; the
-      label's normalised SDM comes from :class:`medssl.transforms.SignedDistanceMapd` as ``sdm``);
+      label's normalised SDM, one channel per foreground class, comes from
+      :class:`medssl.transforms.SignedDistanceMapd` with the bundle's ``num_classes`` as ``sdm``);
     - ``loss = sup + w(it) * (contrast_weight * contrast + distill_weight * distill
       + consistency_weight * mse)`` with ``contrast`` the boundary-aware contrast of the two student views,
       ``distill`` the pair-wise similarity distillation from teacher to student (view 1), ``mse`` the softmax
@@ -173,6 +203,12 @@ class SimCVDLoss(nn.Module):
             raise ValueError("SimCVDLoss needs a VNet with sdm_head=True and proj_dim > 0.")
         logits_l = out["logits"][:n_l]
         seg = self.supervised(logits_l, label_l)
+        if sdm.shape != out["sdm"][:n_l].shape:
+            raise ValueError(
+                f"SimCVDLoss: the labeled batch's 'sdm' is {list(sdm.shape)}, the SDM head gives "
+                f"{list(out['sdm'][:n_l].shape)} (one channel per foreground class: give SignedDistanceMapd the "
+                "bundle's num_classes)."
+            )
         sdm_loss = F.mse_loss(out["sdm"][:n_l].float(), sdm.float())
         emb1, emb2 = out["proj"][n_l : n_l + n_u].float(), out["proj"][n_l + n_u :].float()
         contrast = self.contrast(emb1, emb2, sdm=out["sdm"][n_l : n_l + n_u])

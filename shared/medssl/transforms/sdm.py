@@ -7,7 +7,7 @@ used by SimCVD (You et al., IEEE TMI 2022): :func:`signed_distance_map` and its 
 
 from __future__ import annotations
 
-from typing import Hashable, Mapping
+from typing import Hashable, Mapping, Optional
 
 import numpy as np
 import torch
@@ -60,11 +60,27 @@ class SignedDistanceMapd(MapTransform):
     Args:
         keys: the label key(s) (channel-first, one channel per foreground class, or class ids with one channel).
         output_key: key of the map; with several keys, ``f"{key}_{output_key}"``.
+        num_classes: with a class-id label (one channel), the number of classes background included: one map per
+            foreground class 1..num_classes-1 (SimCVD's SDM head has that many channels). None: one map of
+            ``label == 1`` (two classes).
+
+    Raises (at call):
+        ValueError: a class-id label with values outside 0..num_classes-1 (the message names the values).
     """
 
-    def __init__(self, keys: KeysCollection, output_key: str = "sdm", allow_missing_keys: bool = True) -> None:
+    def __init__(
+        self,
+        keys: KeysCollection,
+        output_key: str = "sdm",
+        allow_missing_keys: bool = True,
+        num_classes: Optional[int] = None,
+    ) -> None:
         super().__init__(keys, allow_missing_keys)
         self.output_key = output_key
+        if num_classes is not None and int(num_classes) < 2:
+            raise ValueError(f"SignedDistanceMapd: num_classes must be at least 2 (background and one class), got "
+                             f"{num_classes}.")  # fmt: skip
+        self.num_classes = None if num_classes is None else int(num_classes)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
@@ -72,7 +88,19 @@ class SignedDistanceMapd(MapTransform):
         for key in keys:
             label = d[key]
             arr = label.detach().cpu().numpy() if isinstance(label, torch.Tensor) else np.asarray(label)
-            sdm = np.stack([signed_distance_map(c == 1 if arr.shape[0] == 1 else c > 0) for c in arr])
+            if arr.shape[0] == 1:  # class ids
+                classes = range(1, self.num_classes or 2)
+                if self.num_classes is not None:
+                    found = np.unique(arr)
+                    bad = found[(found < 0) | (found >= self.num_classes) | (found != np.round(found))]
+                    if bad.size:
+                        raise ValueError(
+                            f"SignedDistanceMapd: {key!r} holds values {sorted(float(v) for v in found)}; expected "
+                            f"class ids 0..{self.num_classes - 1}."
+                        )
+                sdm = np.stack([signed_distance_map(arr[0] == c) for c in classes])
+            else:  # one channel per foreground class
+                sdm = np.stack([signed_distance_map(c > 0) for c in arr])
             out = torch.as_tensor(sdm)
             d[self.output_key if len(keys) == 1 else f"{key}_{self.output_key}"] = out
         return d
