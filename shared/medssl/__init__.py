@@ -17,4 +17,5 @@ __version__ = "0.2.0"
 warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader: nvImageCodec decoder plugin", category=UserWarning)
 
 # bundle configs use these
-from medssl import bundle, data, export, handlers, metrics, networks, precision, runtime, transforms  # noqa: E402,F401
+from medssl import bundle, data, export, handlers, metrics, networks, precision, runtime  # noqa: E402,F401
+from medssl import task, transforms  # noqa: E402,F401

@@ -14,7 +14,7 @@ import torch
 from ignite.engine import Engine, Events
 from medssl.data import as_bool, atomic_path
 
-__all__ = ["MetricsTable", "TrainingCheckpoint", "EMATeacher", "TrainingRNG", "latest_checkpoint"]
+__all__ = ["MetricsTable", "TrainingCheckpoint", "EMATeacher", "TrainingRNG", "TaskRecord", "latest_checkpoint"]
 
 logger = logging.getLogger("medssl")
 
@@ -323,3 +323,43 @@ class TrainingRNG:
 def _rs_state(rs: np.random.RandomState) -> List[Any]:
     name, keys, pos, has_gauss, gauss = rs.get_state()
     return [name, torch.as_tensor(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)]
+
+
+class TaskRecord:
+    """At the end of a training (``Events.COMPLETED``, rank 0 only), write the run's task into the trained bundle's
+    own ``configs/`` (:func:`medssl.task.write_task`: labels, classes, spacing, intensity, patch), so the bundle
+    describes what it was trained for. Checked when built, so bad ``labels`` or ``intensity`` stop the run before
+    training.
+
+    Args:
+        bundle_root: the trained bundle's folder (nothing is written where it has no ``configs/``).
+        labels, spacing, intensity, patch_size: the run's top-level keys.
+    """
+
+    def __init__(
+        self,
+        bundle_root: str,
+        labels: Any,
+        spacing: Sequence[float],
+        intensity: Any = None,
+        patch_size: Optional[Sequence[int]] = None,
+    ) -> None:
+        from medssl.task import check_intensity, parse_labels
+
+        parse_labels(labels)
+        check_intensity(intensity)
+        self.bundle_root, self.labels, self.spacing = bundle_root, labels, spacing
+        self.intensity, self.patch_size = intensity, patch_size
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.COMPLETED, self.write)
+
+    def write(self, engine: Optional[Engine] = None) -> List[str]:
+        from medssl.task import write_task
+
+        if not _is_rank0():
+            return []
+        written = write_task(self.bundle_root, self.labels, self.spacing, self.intensity, self.patch_size)
+        for path in written:
+            logger.info("wrote the run's task (labels, spacing, intensity, patch) into %s/%s", self.bundle_root, path)
+        return written

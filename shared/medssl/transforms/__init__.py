@@ -2,12 +2,15 @@
 here, so ``medssl.transforms.<name>`` (bundle configs, imports) keeps working.
 
 - :mod:`medssl.transforms.io`: :class:`LoadVolumed`, :class:`CheckVolumed` (loading and checking volumes).
+- :mod:`medssl.transforms.intensity`: :class:`Intensityd` (the bundle's ``intensity`` key: z-score, CT window,
+  percentile clip).
 - :mod:`medssl.transforms.sdm`: :func:`signed_distance_map`, :class:`SignedDistanceMapd` (DTC / SimCVD).
 - :mod:`medssl.transforms.pcrl`: :class:`RandOverlappingCropsd`, :class:`RandLocalPixelShuffled`,
   :class:`RandPaintingd`, :class:`RandSpatialCoded`, :func:`box_iou`, :func:`apply_spatial_code` (PCRL, Zhou et
   al., ICCV 2021).
 """
 
+from medssl.transforms.intensity import Intensityd
 from medssl.transforms.io import CheckVolumed, LoadVolumed
 from medssl.transforms.pcrl import (
     RandLocalPixelShuffled,
@@ -21,6 +24,7 @@ from medssl.transforms.sdm import SignedDistanceMapd, signed_distance_map
 
 __all__ = [
     "CheckVolumed",
+    "Intensityd",
     "SignedDistanceMapd",
     "signed_distance_map",
     "RandOverlappingCropsd",
