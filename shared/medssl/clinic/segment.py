@@ -570,16 +570,24 @@ def segment(
 
 
 def print_table(results: Sequence[Dict[str, Any]]) -> None:
-    """One line per segmented scan (the atrium volume in mL, seconds, the files written), then the summary line
-    ``N segmented, M failed`` and one ``error:`` line per failed scan (the last line names a file and its problem)."""
+    """One line per segmented scan (the volume in mL of each label the bundle names, one column each; seconds; the
+    files written), then the summary line ``N segmented, M failed`` and one ``error:`` line per failed scan (the last
+    line names a file and its problem)."""
     ok = [r for r in results if r["status"] == "ok"]
     failed = [r for r in results if r["status"] != "ok"]
     if ok:
         width = max([len(Path(r["scan"]).name) for r in ok] + [4])
-        print(f"{'scan':<{width}}  {'left atrium (mL)':>16}  {'seconds':>7}  written")
+        names = list(dict.fromkeys(name for r in ok for name in r.get("labels") or {}))
+        columns = [(name, f"{name} (mL)", max(len(name) + 5, 7)) for name in names]
+        header = "  ".join(f"{title:>{w}}" for _, title, w in columns)
+        print(f"{'scan':<{width}}  {header}  {'seconds':>7}  written")
         for r in ok:
             files = ", ".join(r[k] for k in ("segmentation", "dicom_seg") if r.get(k))
-            print(f"{Path(r['scan']).name:<{width}}  {r['volume_ml']:>16.1f}  {r['seconds']:>7.1f}  {files}")
+            labels = r.get("labels") or {}
+            volumes = "  ".join(
+                f"{labels[name]['volume_ml']:>{w}.1f}" if name in labels else f"{'-':>{w}}" for name, _, w in columns
+            )
+            print(f"{Path(r['scan']).name:<{width}}  {volumes}  {r['seconds']:>7.1f}  {files}")
     print(f"{len(ok)} segmented, {len(failed)} failed")
     for r in failed:
         print(f"error: {r['error']}")
