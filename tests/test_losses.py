@@ -88,13 +88,34 @@ def test_elastic_interaction_single_mode():
     assert float(ElasticInteractionLoss()(coarse, torch.zeros_like(coarse))) < float(e)
 
 
-def test_cvrl_objective_terms_and_gradients():
+def _cvrl_case():
+    """A seeded binary CVRL case: student, teacher, objective, labeled images and labels, unlabeled images."""
     torch.manual_seed(0)
     student = VNet(proj_dim=8)
     teacher = ema_copy(student)
-    objective = CVRLLoss(dim=8, num_voxels=16, queue_size=8, rampup_iterations=100)
+    objective = CVRLLoss(dim=8, num_voxels=16, queue_size=8, rampup_iterations=100)  # draws its queue: before the data
     image_l, image_u = torch.randn(2, 1, 16, 16, 16), torch.randn(2, 1, 16, 16, 16)
     label_l = (torch.rand(2, 1, 16, 16, 16) > 0.7).float()
+    return student, teacher, objective, image_l, label_l, image_u
+
+
+def _simcvd_case():
+    """A seeded binary SimCVD case: as :func:`_cvrl_case`, with the labels' signed distance maps."""
+    from medssl.losses import SimCVDLoss
+    from medssl.transforms import signed_distance_map
+
+    torch.manual_seed(0)
+    student = VNet(sdm_head=True, proj_dim=8)
+    teacher = ema_copy(student)
+    objective = SimCVDLoss(dim=8, num_voxels=16, rampup_iterations=100)
+    image_l, image_u = torch.randn(2, 1, 16, 16, 16), torch.randn(2, 1, 16, 16, 16)
+    label_l = (torch.rand(2, 1, 16, 16, 16) > 0.7).float()
+    sdm = torch.stack([torch.as_tensor(signed_distance_map(lab[0].numpy()))[None] for lab in label_l])
+    return student, teacher, objective, image_l, label_l, image_u, sdm
+
+
+def test_cvrl_objective_terms_and_gradients():
+    student, teacher, objective, image_l, label_l, image_u = _cvrl_case()
     out = objective(HeadsForward(student), teacher.forward_heads, image_l, label_l, image_u, iteration=0)
     assert set(out) == {
         "loss",
@@ -170,16 +191,7 @@ def test_boundary_aware_contrast():
 
 
 def test_simcvd_objective_terms_and_gradients():
-    from medssl.losses import SimCVDLoss
-    from medssl.transforms import signed_distance_map
-
-    torch.manual_seed(0)
-    student = VNet(sdm_head=True, proj_dim=8)
-    teacher = ema_copy(student)
-    objective = SimCVDLoss(dim=8, num_voxels=16, rampup_iterations=100)
-    image_l, image_u = torch.randn(2, 1, 16, 16, 16), torch.randn(2, 1, 16, 16, 16)
-    label_l = (torch.rand(2, 1, 16, 16, 16) > 0.7).float()
-    sdm = torch.stack([torch.as_tensor(signed_distance_map(lab[0].numpy()))[None] for lab in label_l])
+    student, teacher, objective, image_l, label_l, image_u, sdm = _simcvd_case()
     out = objective(HeadsForward(student), teacher.forward_heads, image_l, label_l, image_u, iteration=50, sdm=sdm)
     assert set(out) == {
         "loss",
@@ -384,26 +396,12 @@ def test_simcvd_objective_four_classes():
 def test_binary_objectives_give_the_values_of_before():
     """LA unchanged: CVRL and SimCVD with two classes give the values they gave before the multi-class change (the
     seeded cases of the two objective tests above, recorded with the binary code on the 2-core AMD EPYC)."""
-    from medssl.losses import SimCVDLoss
-    from medssl.transforms import signed_distance_map
-
-    torch.manual_seed(0)
-    student = VNet(proj_dim=8)
-    teacher = ema_copy(student)
-    objective = CVRLLoss(dim=8, num_voxels=16, queue_size=8, rampup_iterations=100)  # draws its queue: before the data
-    image_l, image_u = torch.randn(2, 1, 16, 16, 16), torch.randn(2, 1, 16, 16, 16)
-    label_l = (torch.rand(2, 1, 16, 16, 16) > 0.7).float()
+    student, teacher, objective, image_l, label_l, image_u = _cvrl_case()
     out = objective(HeadsForward(student), teacher.forward_heads, image_l, label_l, image_u, iteration=0)
     recorded = {"loss": 0.724089, "loss_sup": 0.651744, "loss_contour": 0.701637, "loss_consistency": 0.03318,
                 "loss_global": 0.714349, "loss_local": 2.489337}  # fmt: skip
     assert {k: float(out[k]) for k in recorded} == pytest.approx(recorded, rel=2e-4)
-    torch.manual_seed(0)
-    student = VNet(sdm_head=True, proj_dim=8)
-    teacher = ema_copy(student)
-    objective = SimCVDLoss(dim=8, num_voxels=16, rampup_iterations=100)
-    image_l, image_u = torch.randn(2, 1, 16, 16, 16), torch.randn(2, 1, 16, 16, 16)
-    label_l = (torch.rand(2, 1, 16, 16, 16) > 0.7).float()
-    sdm = torch.stack([torch.as_tensor(signed_distance_map(lab[0].numpy()))[None] for lab in label_l])
+    student, teacher, objective, image_l, label_l, image_u, sdm = _simcvd_case()
     out = objective(HeadsForward(student), teacher.forward_heads, image_l, label_l, image_u, iteration=50, sdm=sdm)
     recorded = {"loss": 0.95124, "loss_seg": 0.644401, "loss_sdm": 0.743561, "loss_contrast": 2.726048,
                 "loss_distill": 0.145967, "loss_consistency": 0.051891}  # fmt: skip
