@@ -22,7 +22,7 @@ LABELS = {"0": "background", "1": "anterior part", "2": "middle part", "3": "pos
 @pytest.fixture(scope="module")
 def four_class_dir(module_tmp):
     """The synthetic atrium set with its structure cut into three classes along x (1, 2, 3 from left to right);
-    the last two training cases are unlabeled."""
+    the last two training cases are unlabeled; the test case is also the validation list."""
     out = sample_data(module_tmp("four"), num_cases=5, shape=(48, 48, 32), num_test=1)
     d = json.loads((out / "dataset.json").read_text())
     for entry in d["training"] + d.get("test", []):
@@ -37,6 +37,7 @@ def four_class_dir(module_tmp):
         nib.save(nib.Nifti1Image(label, img.affine, img.header), path)
     for entry in d["training"][2:]:
         entry["label"] = "labelsTr/no_such_label.nii.gz"
+    d["validation"] = d["test"]  # so that validation is attached (and --val_interval 0 means something)
     (out / "dataset.json").write_text(json.dumps(d))
     return out
 
@@ -48,7 +49,9 @@ def four_class_dir(module_tmp):
         ("simcvd_distill", ["loss_seg", "loss_sdm", "loss_contrast", "loss_distill", "loss_consistency"], []),
         # the README's CT example: a Hounsfield window instead of the z-score (the synthetic set is not CT, but the
         # window path runs end to end)
-        ("la_seg_finetune", ["loss"], ["--intensity", json.dumps({"mode": "window", "range": [-175, 250]})]),
+        # and validation off with --val_interval 0 (ignite's "every should be ... greater than zero" before)
+        ("la_seg_finetune", ["loss"], ["--intensity", json.dumps({"mode": "window", "range": [-175, 250]}),
+                                       "--val_interval", 0]),
     ],
 )
 def test_bundles_train_four_classes(bundle, terms, extra, four_class_dir, module_tmp):

@@ -162,3 +162,26 @@ def test_write_task_makes_a_bundle_describe_its_task(tmp_path):
     assert write_task(tmp_path / "no_configs", CT, [1, 1, 1]) == []
     with pytest.raises(DataError, match="is not a mode"):
         write_task(root, CT, [1, 1, 1], {"mode": "hu"})
+
+
+def test_largest_component_per_label_with_an_opt_out():
+    """Each label keeps its largest piece on its own; a label marked largest_component false keeps every piece."""
+    from monai.transforms import KeepLargestConnectedComponentd
+
+    from medssl.task import largest_component_labels
+
+    labels = {"0": "background", "1": "liver", "2": {"name": "kidneys", "largest_component": "false"}, "3": "spleen"}
+    assert largest_component_labels(labels) == [1, 3]
+    assert largest_component_labels({"0": "background", "1": "left atrium"}) == [1]  # LA: as before
+    pred = torch.zeros(1, 12, 1, 1)
+    pred[0, [0, 1, 2, 5]] = 1  # liver: a piece of 3 and a stray voxel
+    pred[0, [7, 10]] = 2  # two kidneys, one voxel each
+    pred[0, [8, 9]] = 3
+    pred[0, 11] = 3  # spleen: 2 voxels and a stray one
+    out = KeepLargestConnectedComponentd("pred", applied_labels=largest_component_labels(labels))({"pred": pred})
+    assert np.asarray(out["pred"]).ravel().tolist() == [1, 1, 1, 0, 0, 0, 0, 2, 3, 3, 2, 0]
+    with pytest.raises(DataError, match=r"labels\[1\].largest_component must be true or false"):
+        parse_labels({"0": "background", "1": {"name": "liver", "largest_component": "maybe"}})
+    for bundle in ("la_seg_finetune", "cvrl_semisup", "simcvd_distill"):
+        text = (REPO / "bundles" / bundle / "configs" / "inference.json").read_text()
+        assert '"applied_labels": "$medssl.task.largest_component_labels(@labels)"' in text

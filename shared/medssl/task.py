@@ -2,8 +2,9 @@
 normalisation (``intensity``), the top-level keys every bundle config carries beside ``spacing``.
 
 ``labels`` maps each label value to a name, or to ``{"name": ..., "code": [value, scheme, meaning], "category":
-[value, scheme, meaning]}`` where ``code`` is the segmented property type of the DICOM SEG (SNOMED CT, scheme
-``SCT``) and ``category`` its property category. Values are 0 (background) to ``num_classes - 1``, each once::
+[value, scheme, meaning], "largest_component": true}`` where ``code`` is the segmented property type of the DICOM SEG
+(SNOMED CT, scheme ``SCT``), ``category`` its property category, and ``largest_component: false`` keeps every piece of
+that label in post-processing (by default each label keeps its largest connected component). Values are 0 (background) to ``num_classes - 1``, each once::
 
     "labels": {"0": "background",
                "1": {"name": "liver", "code": ["10200004", "SCT", "Liver"],
@@ -32,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from medssl.data import DataError, atomic_path
+from medssl.data import DataError, as_bool, atomic_path
 
 __all__ = [
     "INTENSITY_MODES",
@@ -41,23 +42,27 @@ __all__ = [
     "num_classes",
     "classes",
     "label_names",
+    "largest_component_labels",
     "check_intensity",
     "write_task",
 ]
 
 INTENSITY_MODES = ("zscore", "window", "percentile")
-_LABEL_FIELDS = ("name", "code", "category")
+_LABEL_FIELDS = ("name", "code", "category", "largest_component")
 _INTENSITY_FIELDS = {"zscore": {"mode"}, "window": {"mode", "range", "output"}, "percentile": {"mode", "range"}}
 
 
 @dataclass(frozen=True)
 class Label:
-    """One label value: its name, and the DICOM SEG codes when given (``(value, scheme, meaning)``)."""
+    """One label value: its name, the DICOM SEG codes when given (``(value, scheme, meaning)``), and whether
+    post-processing keeps only its largest connected component (``"largest_component": false`` for a label made of
+    several pieces, e.g. both kidneys under one label)."""
 
     value: int
     name: str
     code: Optional[Tuple[str, str, str]] = None
     category: Optional[Tuple[str, str, str]] = None
+    largest_component: bool = True
 
 
 def _code(entry: Any, where: str) -> Optional[Tuple[str, str, str]]:
@@ -99,8 +104,12 @@ def parse_labels(labels: Any, key: str = "labels") -> Dict[int, Label]:
         name = str(entry.get("name", "")).strip()
         if not name:
             raise DataError(f"{where}: a label needs a non-empty name.")
-        out[value] = Label(value, name, _code(entry.get("code"), f"{where}.code"), _code(entry.get("category"),
-                           f"{where}.category"))  # fmt: skip
+        try:
+            keep = as_bool(entry.get("largest_component", True), f"{where}.largest_component")
+        except ValueError as e:
+            raise DataError(str(e)) from None
+        code, category = _code(entry.get("code"), f"{where}.code"), _code(entry.get("category"), f"{where}.category")
+        out[value] = Label(value, name, code, category, keep)
     values = sorted(out)
     if values != list(range(len(values))) or len(values) < 2:
         raise DataError(
@@ -139,6 +148,13 @@ def classes(labels: Any, num_classes_: Optional[int] = None, key: str = "labels"
 def label_names(labels: Any, key: str = "labels") -> Dict[int, str]:
     """``{value: name}`` of the foreground labels (background left out)."""
     return {v: lab.name for v, lab in parse_labels(labels, key).items() if v > 0}
+
+
+def largest_component_labels(labels: Any, key: str = "labels") -> List[int]:
+    """The foreground label values whose largest connected component post-processing keeps (each label on its own:
+    ``KeepLargestConnectedComponentd(applied_labels=..., independent=True)``), leaving out those marked
+    ``"largest_component": false``."""
+    return [v for v, lab in parse_labels(labels, key).items() if v > 0 and lab.largest_component]
 
 
 def _pair(value: Any, where: str, what: str) -> Tuple[float, float]:
