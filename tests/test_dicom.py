@@ -289,3 +289,38 @@ def test_segment_cli_on_a_dicom_folder(series, segmenter, tmp_path):
         atrium["volume_ml"], abs=1e-3
     )
     assert (out / "axial_preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_seg_codes_each_label_from_the_bundle_labels(tmp_path, caplog):
+    """Three labels: two coded by the bundle's labels (liver with its own category), one without a code, which gets
+    the generic code and a warning naming it; dciodvfy accepts the SEG."""
+    from medssl.clinic.dicom import write_seg
+    from medssl.task import parse_labels
+
+    rng = np.random.default_rng(0)
+    files = write_series(rng.integers(0, 400, (16, 16, 6)).astype(np.int16), np.diag([1.5, 1.5, 3.0, 1.0]),
+                         tmp_path / "series", series_description="synthetic")  # fmt: skip
+    assert len(files) == 6
+    vol = read_series(tmp_path / "series")
+    labels_map = np.zeros(vol.array.shape, np.uint8)
+    labels_map[2:6, 2:6, 1:3], labels_map[8:12, 8:12, 2:5], labels_map[3:5, 10:14, 4] = 1, 2, 3
+    labels = parse_labels({
+        "0": "background",
+        "1": {"name": "liver", "code": ["10200004", "SCT", "Liver"],
+              "category": ["123037004", "SCT", "Anatomical Structure"]},
+        "2": {"name": "spleen", "code": ["78961009", "SCT", "Spleen"]},
+        "3": "lesion",
+    })  # fmt: skip
+    caplog.set_level("WARNING")
+    names = {v: lab.name for v, lab in labels.items()}
+    codes = {v: (lab.code, lab.category) for v, lab in labels.items() if v}
+    path = write_seg(labels_map, vol, tmp_path / "seg.dcm", "ct_seg", "0.1.0", names, label_codes=codes)
+    seg = pydicom.dcmread(path)
+    coded = [(s.SegmentLabel, s.SegmentedPropertyTypeCodeSequence[0].CodeValue,
+              s.SegmentedPropertyCategoryCodeSequence[0].CodeValue) for s in seg.SegmentSequence]  # fmt: skip
+    assert coded == [("Liver", "10200004", "123037004"), ("Spleen", "78961009", "91723000"),
+                     ("Lesion", "85756007", "91723000")]  # fmt: skip
+    assert "'lesion' has no code" in caplog.text and "'liver'" not in caplog.text
+    np.testing.assert_array_equal(read_seg(path, vol), labels_map)
+    report = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True).stderr
+    assert not [ln for ln in report.splitlines() if ln.startswith("Error")], report

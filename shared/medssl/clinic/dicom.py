@@ -25,7 +25,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 from medssl.data import DataError, atomic_path
@@ -57,6 +57,8 @@ MULTI_FRAME_IMAGES = {ENHANCED_MR_STORAGE, "1.2.840.10008.5.1.4.1.1.2.1", "1.2.8
 SEGMENT_CODES = {
     "left atrium": (("82471001", "SCT", "Left atrium"), ("123037004", "SCT", "Anatomical Structure")),
 }
+GENERIC_CODE = ("85756007", "SCT", "Tissue")
+GENERIC_CATEGORY = ("91723000", "SCT", "Anatomical Structure")
 # tolerances of the geometry checks: direction cosines, and slice gaps relative to the series' spacing
 COSINE_TOL = 1e-3
 GAP_TOL = 0.05
@@ -369,13 +371,36 @@ def _read_classic(info: SeriesInfo, source: str, dtype) -> DicomVolume:
 # -- DICOM SEG -------------------------------------------------------------------------------------------------
 
 
-def _segment_description(number: int, label: str, bundle: str, version: str, algorithm_type: str = "AUTOMATIC"):
+def segment_codes(label: str, code: Optional[Sequence[str]] = None, category: Optional[Sequence[str]] = None):
+    """``(property type, property category)`` of a segment named ``label``: the bundle's own codes (its ``labels``
+    key) where given, else :data:`SEGMENT_CODES` by name, else the generic 85756007 "Tissue" / 91723000 "Anatomical
+    Structure" with a warning that names the label (so an uncoded structure is never coded silently)."""
+    known = SEGMENT_CODES.get(label.lower())
+    if code is not None:
+        return tuple(code), tuple(category) if category is not None else (known[1] if known else GENERIC_CATEGORY)
+    if known is not None:
+        return known
+    logger.warning(
+        "DICOM SEG: the label %r has no code (give it one in the bundle's labels: \"code\": [value, scheme, meaning]); "
+        "coded with the generic 85756007 'Tissue'",
+        label,
+    )
+    return GENERIC_CODE, tuple(category) if category is not None else GENERIC_CATEGORY
+
+
+def _segment_description(
+    number: int,
+    label: str,
+    bundle: str,
+    version: str,
+    algorithm_type: str = "AUTOMATIC",
+    code: Optional[Sequence[str]] = None,
+    category: Optional[Sequence[str]] = None,
+):
     import highdicom as hd
     from pydicom.sr.codedict import codes
 
-    prop, category = SEGMENT_CODES.get(
-        label.lower(), (("85756007", "SCT", "Tissue"), ("91723000", "SCT", "Anatomical Structure"))
-    )
+    prop, category = segment_codes(label, code, category)
     kind = hd.seg.SegmentAlgorithmTypeValues[algorithm_type]
     return hd.seg.SegmentDescription(
         segment_number=number,
@@ -405,6 +430,7 @@ def write_seg(
     algorithm_type: str = "AUTOMATIC",
     content_creator: str = "medssl^automatic",
     series_description: Optional[str] = None,
+    label_codes: Optional[Mapping[int, Tuple[Optional[Sequence[str]], Optional[Sequence[str]]]]] = None,
 ) -> Path:
     """Write the label map ``labels`` (on ``volume``'s grid, ``[i, j, k]``) as a BINARY DICOM SEG of the source
     series: one segment per label value in ``label_names`` (SNOMED CT coded where known), frames on the source
@@ -413,7 +439,8 @@ def write_seg(
 
     ``algorithm_type`` (``AUTOMATIC``, ``SEMIAUTOMATIC`` for a label a person saved from the bundle's output, or
     ``MANUAL``), ``content_creator`` (a DICOM person name) and ``series_description`` (default ``"<bundle> <version>
-    segmentation"``) describe who made it.
+    segmentation"``) describe who made it. ``label_codes`` (label value -> ``(code, category)`` triples, e.g. from the
+    bundle's ``labels``) code the segments; a label without one is coded by :func:`segment_codes`.
 
     Raises:
         DicomError: ``labels`` is not on the volume's grid.
@@ -425,6 +452,7 @@ def write_seg(
     if labels.shape != volume.array.shape:
         raise DicomError(f"{path}: label map of shape {labels.shape} is not on the series' grid {volume.array.shape}.")
     numbers = sorted(int(v) for v in label_names if int(v) > 0)
+    codes = {int(k): v for k, v in (label_codes or {}).items()}
     frames = np.stack([labels.transpose(2, 1, 0) == v for v in numbers], axis=-1)  # (slice, row, column, segment)
     source = volume.datasets[0]
     series_number = int(source.get("SeriesNumber", 0) or 0) + 1000
@@ -434,7 +462,8 @@ def write_seg(
         pixel_array=frames.astype(np.uint8),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[
-            _segment_description(i + 1, label_names[v], bundle, version, algorithm_type) for i, v in enumerate(numbers)
+            _segment_description(i + 1, label_names[v], bundle, version, algorithm_type, *codes.get(v, (None, None)))
+            for i, v in enumerate(numbers)
         ],
         series_instance_uid=generate_uid(),
         series_number=series_number,

@@ -35,6 +35,7 @@ import numpy as np
 from medssl.bundle import cache_dir, default_index, require_weights
 from medssl.data import NIFTI_SUFFIXES, DataError, as_bool, atomic_path, check_headers, data_error_message, write_json
 from medssl.export import RUNTIMES, check_runtime
+from medssl.task import parse_labels
 from medssl.clinic.runtime_choice import default_runtime
 
 __all__ = [
@@ -220,6 +221,11 @@ class Segmenter:
         outputs = meta.get("network_data_format", {}).get("post_processed_outputs", {}).get("pred", {})
         channels = outputs.get("channel_def") or meta["network_data_format"]["outputs"]["pred"]["channel_def"]
         self.label_names = {int(k): str(v) for k, v in channels.items() if int(k) > 0}
+        # the DICOM SEG codes of the bundle's labels key (configs before it existed have none: coded by name)
+        labels = parser.get("labels")
+        self.label_codes = (
+            {v: (lab.code, lab.category) for v, lab in parse_labels(labels).items() if v > 0} if labels else {}
+        )
         self.progress = progress
         self.workdir = Path(tempfile.mkdtemp(prefix="medssl-segment-"))
         settings = {
@@ -395,7 +401,8 @@ class Segmenter:
             made: Dict[str, Path] = {}
             if volume is not None and output_type in ("dicom_seg", "both"):
                 made["dicom_seg"] = write_seg(
-                    labels, volume, work / f"{scan.name}_seg.dcm", self.name, self.version, self.label_names
+                    labels, volume, work / f"{scan.name}_seg.dcm", self.name, self.version, self.label_names,
+                    label_codes=self.label_codes,
                 )
             if output_type in ("nifti", "both"):
                 made["segmentation"] = pred
