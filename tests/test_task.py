@@ -162,6 +162,12 @@ def test_write_task_makes_a_bundle_describe_its_task(tmp_path):
     assert write_task(tmp_path / "no_configs", CT, [1, 1, 1]) == []
     with pytest.raises(DataError, match="is not a mode"):
         write_task(root, CT, [1, 1, 1], {"mode": "hu"})
+    assert write_task(root, CT, [0.8, 0.8, 3.0], window, [96, 96, 32], modality="ct") == [
+        "configs/inference.json", "configs/metadata.json"]  # fmt: skip
+    assert json.loads((root / "configs" / "metadata.json").read_text())["network_data_format"]["inputs"]["image"][
+        "modality"] == "CT"  # fmt: skip
+    with pytest.raises(DataError, match=r"modality: 'US' is not a modality medssl reads; expected one of \['MR', 'C"):
+        write_task(root, CT, [1, 1, 1], modality="US")
 
 
 def test_largest_component_per_label_with_an_opt_out():

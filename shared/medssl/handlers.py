@@ -333,7 +333,7 @@ class TaskRecord:
 
     Args:
         bundle_root: the trained bundle's folder (nothing is written where it has no ``configs/``).
-        labels, spacing, intensity, patch_size: the run's top-level keys.
+        labels, spacing, intensity, patch_size, modality: the run's top-level keys.
     """
 
     def __init__(
@@ -343,11 +343,13 @@ class TaskRecord:
         spacing: Sequence[float],
         intensity: Any = None,
         patch_size: Optional[Sequence[int]] = None,
+        modality: Optional[str] = None,
     ) -> None:
-        from medssl.task import check_intensity, parse_labels
+        from medssl.task import check_intensity, check_modality, parse_labels
 
         parse_labels(labels)
         check_intensity(intensity)
+        self.modality = None if modality is None else check_modality(modality)
         self.bundle_root, self.labels, self.spacing = bundle_root, labels, spacing
         self.intensity, self.patch_size = intensity, patch_size
 
@@ -359,7 +361,9 @@ class TaskRecord:
 
         if not _is_rank0():
             return []
-        written = write_task(self.bundle_root, self.labels, self.spacing, self.intensity, self.patch_size)
+        written = write_task(
+            self.bundle_root, self.labels, self.spacing, self.intensity, self.patch_size, self.modality
+        )
         for path in written:
             logger.info("wrote the run's task (labels, spacing, intensity, patch) into %s/%s", self.bundle_root, path)
         return written

@@ -4,7 +4,8 @@ normalisation (``intensity``), the top-level keys every bundle config carries be
 ``labels`` maps each label value to a name, or to ``{"name": ..., "code": [value, scheme, meaning], "category":
 [value, scheme, meaning], "largest_component": true}`` where ``code`` is the segmented property type of the DICOM SEG
 (SNOMED CT, scheme ``SCT``), ``category`` its property category, and ``largest_component: false`` keeps every piece of
-that label in post-processing (by default each label keeps its largest connected component). Values are 0 (background) to ``num_classes - 1``, each once::
+that label in post-processing (by default each label keeps its largest connected component). Values are 0
+(background) to ``num_classes - 1``, each once::
 
     "labels": {"0": "background",
                "1": {"name": "liver", "code": ["10200004", "SCT", "Liver"],
@@ -18,6 +19,9 @@ that label in post-processing (by default each label keeps its largest connected
   ``[0, 1]`` (``"output": [b_min, b_max]`` to choose another interval), so a voxel's value means the same tissue
   whatever else is in the field of view;
 - ``{"mode": "percentile", "range": [0.5, 99.5]}``: clip at those percentiles of the volume, then z-score.
+
+``modality`` (``MR`` or ``CT``, :func:`check_modality`) is what the bundle segments: ``segment`` reads DICOM series of
+that modality only.
 
 :func:`num_classes` and :func:`classes` check ``labels`` (and a given ``num_classes``) and :func:`check_intensity`
 the intensity spec, each raising :class:`medssl.data.DataError` with a message naming the key and what was expected;
@@ -44,10 +48,12 @@ __all__ = [
     "label_names",
     "largest_component_labels",
     "check_intensity",
+    "check_modality",
     "write_task",
 ]
 
 INTENSITY_MODES = ("zscore", "window", "percentile")
+MODALITIES = ("MR", "CT")
 _LABEL_FIELDS = ("name", "code", "category", "largest_component")
 _INTENSITY_FIELDS = {"zscore": {"mode"}, "window": {"mode", "range", "output"}, "percentile": {"mode", "range"}}
 
@@ -157,6 +163,18 @@ def largest_component_labels(labels: Any, key: str = "labels") -> List[int]:
     return [v for v, lab in parse_labels(labels, key).items() if v > 0 and lab.largest_component]
 
 
+def check_modality(modality: Any, key: str = "modality") -> str:
+    """The imaging modality a bundle segments (:data:`MODALITIES`; DICOM series of another are refused).
+
+    Raises:
+        DataError: another value (the message lists the modalities).
+    """
+    value = str(modality or "MR").strip().upper()
+    if value not in MODALITIES:
+        raise DataError(f"{key}: {modality!r} is not a modality medssl reads; expected one of {list(MODALITIES)}.")
+    return value
+
+
 def _pair(value: Any, where: str, what: str) -> Tuple[float, float]:
     try:
         lo, hi = (float(x) for x in value)
@@ -226,13 +244,14 @@ def write_task(
     spacing: Sequence[float],
     intensity: Any = None,
     patch_size: Optional[Sequence[int]] = None,
+    modality: Optional[str] = None,
 ) -> List[str]:
     """Make a trained bundle describe its own task: the run's ``labels``, ``spacing``, ``intensity`` and
-    ``patch_size`` go into ``bundle_root/configs/inference.json`` (``num_classes`` follows from ``labels``) and its
-    ``metadata.json``'s ``network_data_format`` (``pixdim``, the intensity text, ``num_channels``, ``channel_def``,
-    the label value range), so ``segment --bundle``, MONAI Label, ``pull`` and MONAI's verifier use the bundle as the
-    run trained it. Files that already say so are left as they are; a bundle folder without ``configs/`` (a
-    run whose configs live elsewhere) is left alone. Each file is replaced atomically.
+    ``patch_size`` (and ``modality``) go into ``bundle_root/configs/inference.json`` (``num_classes`` follows from
+    ``labels``) and its ``metadata.json``'s ``network_data_format`` (``modality``, ``pixdim``, the intensity text,
+    ``num_channels``, ``channel_def``, the label value range), so ``segment --bundle``, MONAI Label, ``pull`` and
+    MONAI's verifier use the bundle as the run trained it. Files that already say so are left as they are; a bundle
+    folder without ``configs/`` (a run whose configs live elsewhere) is left alone. Each file is replaced atomically.
 
     Returns:
         the files rewritten (paths relative to ``bundle_root``).
@@ -242,6 +261,8 @@ def write_task(
     """
     parsed = parse_labels(labels)
     spec = check_intensity(intensity)
+    if modality is not None:
+        check_modality(modality)
     root = Path(bundle_root)
     written: List[str] = []
     channel_def = {str(v): lab.name for v, lab in parsed.items()}
@@ -254,6 +275,8 @@ def write_task(
         config["intensity"] = spec
         if patch_size is not None:
             config["patch_size"] = [int(p) for p in patch_size]
+        if modality is not None:
+            config["modality"] = check_modality(modality)
         if _write_json_if_changed(inference, config):
             written.append("configs/inference.json")
     metadata = root / "configs" / "metadata.json"
@@ -262,6 +285,8 @@ def write_task(
         formats = meta.setdefault("network_data_format", {})
         image = formats.setdefault("inputs", {}).setdefault("image", {})
         image["pixdim"] = [float(s) for s in spacing]
+        if modality is not None:
+            image["modality"] = check_modality(modality)
         image["intensity"] = _intensity_text(spec)
         pred = formats.setdefault("outputs", {}).setdefault("pred", {})
         pred["num_channels"] = len(parsed)

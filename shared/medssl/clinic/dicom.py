@@ -1,5 +1,6 @@
-"""DICOM in and out: read an MR series (a folder, a study folder, a ``.zip``) into a volume with its RAS affine, write
-the label map back as a DICOM SEG on the source slices, and write a volume as a classic MR series.
+"""DICOM in and out: read an MR or CT series (a folder, a study folder, a ``.zip``) into a volume with its RAS affine
+(CT in Hounsfield units), write the label map back as a DICOM SEG on the source slices, and write a volume as a
+classic MR or CT series.
 
 Reader: pydicom for the attributes and pixel data, the geometry assembled here from the DICOM attributes alone:
 slices ordered by ImagePositionPatient projected on the slice normal (never file names or InstanceNumber), the
@@ -49,9 +50,10 @@ logger = logging.getLogger(__name__)
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_MR_STORAGE = "1.2.840.10008.5.1.4.1.1.4.1"
 # single-frame image storage classes whose geometry this reader understands (MR, CT, PET)
-SINGLE_FRAME_IMAGES = {MR_IMAGE_STORAGE, "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.5.1.4.1.1.128"}
+SINGLE_FRAME_IMAGES = {MR_IMAGE_STORAGE, CT_IMAGE_STORAGE, "1.2.840.10008.5.1.4.1.1.128"}
 MULTI_FRAME_IMAGES = {ENHANCED_MR_STORAGE, "1.2.840.10008.5.1.4.1.1.2.1", "1.2.840.10008.5.1.4.1.1.4.3"}
 # SNOMED CT codes of the labels the bundles segment: name -> (property type, property category)
 SEGMENT_CODES = {
@@ -166,21 +168,36 @@ def find_series(folder: os.PathLike | str) -> Dict[str, SeriesInfo]:
     return series
 
 
-def choose_series(series: Dict[str, SeriesInfo], uid: Optional[str] = None, source: str = "") -> SeriesInfo:
-    """The series to segment: ``uid`` if given, else the 3D MR image series with the most slices (localizers and
-    non-image objects such as SEG, SR or presentation states are skipped).
+def choose_series(
+    series: Dict[str, SeriesInfo],
+    uid: Optional[str] = None,
+    source: str = "",
+    modalities: Sequence[str] = ("MR",),
+    bundle: str = "this bundle",
+) -> SeriesInfo:
+    """The series to segment: ``uid`` if given, else the 3D image series of one of ``modalities`` (the bundle's:
+    MR, or CT) with the most slices (localizers and non-image objects such as SEG, SR or presentation states are
+    skipped).
 
     Raises:
-        DicomError: ``uid`` not among them, or no MR image series (the series found are listed).
+        DicomError: ``uid`` not among them or of another modality, or no image series of ``modalities`` (the series
+            found are listed).
     """
     found = "; ".join(s.label() for s in series.values())
+    wanted = "/".join(modalities)
     if uid is not None:
         if str(uid) not in series:
             raise DicomError(f"{source}: no series {uid}; found: {found}.")
-        return series[str(uid)]
-    candidates = [s for s in series.values() if s.is_image and not s.is_localizer and s.modality == "MR"]
+        chosen = series[str(uid)]
+        if chosen.modality and chosen.modality not in modalities:
+            raise DicomError(f"{source}: {chosen.label()} is {chosen.modality}; {bundle} segments {wanted} images.")
+        return chosen
+    candidates = [s for s in series.values() if s.is_image and not s.is_localizer and s.modality in modalities]
     if not candidates:
-        raise DicomError(f"{source}: no 3D MR image series found (localizers and non-image objects skipped); {found}.")
+        raise DicomError(
+            f"{source}: no 3D {wanted} image series found (localizers and non-image objects skipped; {bundle} "
+            f"segments {wanted} images); {found}."
+        )
     return max(candidates, key=lambda s: (s.frames, s.uid))
 
 
@@ -215,16 +232,24 @@ class _Unzipped:
 
 
 def read_series(
-    source: os.PathLike | str, series_uid: Optional[str] = None, announce=None, dtype=np.float32
+    source: os.PathLike | str,
+    series_uid: Optional[str] = None,
+    announce=None,
+    dtype=np.float32,
+    modalities: Sequence[str] = ("MR",),
+    bundle: str = "this bundle",
 ) -> DicomVolume:
     """Read the series of ``source`` (a folder of one series, a study folder, or a ``.zip`` of either) into a
     volume with its RAS affine.
 
     Args:
         source: the folder or zip.
-        series_uid: the series to read; default the 3D MR series with the most slices (see :func:`choose_series`).
+        series_uid: the series to read; default the 3D series of ``modalities`` with the most slices (see
+            :func:`choose_series`).
         announce: called with one line naming the chosen series when the source holds several.
-        dtype: the voxel type of the returned array (after the Modality LUT).
+        dtype: the voxel type of the returned array (after the Modality LUT: Hounsfield units for CT).
+        modalities: the modalities a series may have (the bundle's, from its metadata).
+        bundle: how the errors name the bundle.
 
     Raises:
         DicomError: naming the file or series: no DICOM, no MR image series, an Enhanced (multi-frame) object, a
@@ -239,7 +264,9 @@ def read_series(
                 return text.replace(str(folder), str(source))
 
             try:
-                vol = read_series(folder, series_uid, announce and (lambda text: announce(inside(text))), dtype)
+                vol = read_series(
+                    folder, series_uid, announce and (lambda text: announce(inside(text))), dtype, modalities, bundle
+                )
             except DicomError as e:
                 raise DicomError(inside(str(e))) from e
         vol.source = str(source)
@@ -248,7 +275,7 @@ def read_series(
     if not source.is_dir():
         raise DicomError(f"{source}: not a folder or .zip of DICOM files.")
     series = find_series(source)
-    chosen = choose_series(series, series_uid, str(source))
+    chosen = choose_series(series, series_uid, str(source), modalities, bundle)
     if len(series) > 1 and announce is not None:
         skipped = [s.label() for s in series.values() if s is not chosen]
         announce(f"{source}: {chosen.label()} chosen; skipped {len(skipped)}: " + "; ".join(skipped))
@@ -519,7 +546,8 @@ def write_series(
     file_names: str = "uid",
     seed: int = 0,
 ) -> List[Path]:
-    """Write ``array[i, j, k]`` with RAS ``affine`` as a classic MR Image Storage series, one file per slice ``k``.
+    """Write ``array[i, j, k]`` with RAS ``affine`` as a classic MR Image Storage series (CT Image Storage with
+    ``modality="CT"``, its values then Hounsfield units through ``slope``/``intercept``), one file per slice ``k``.
 
     Stored values are ``array`` (integers fitting int16) with the Modality LUT ``slope``/``intercept``; the geometry
     (ImagePositionPatient, ImageOrientationPatient, PixelSpacing, SliceThickness) comes from the affine.
@@ -556,12 +584,13 @@ def write_series(
     for k in range(array.shape[2]):
         sop_uid = generate_uid()
         meta = FileMetaDataset()
-        meta.MediaStorageSOPClassUID = MR_IMAGE_STORAGE
+        sop_class = CT_IMAGE_STORAGE if modality == "CT" else MR_IMAGE_STORAGE
+        meta.MediaStorageSOPClassUID = sop_class
         meta.MediaStorageSOPInstanceUID = sop_uid
         meta.TransferSyntaxUID = ExplicitVRLittleEndian
         ds = FileDataset(None, {}, file_meta=meta, preamble=b"\0" * 128)
         ds.SpecificCharacterSet = "ISO_IR 100"
-        ds.SOPClassUID, ds.SOPInstanceUID = MR_IMAGE_STORAGE, sop_uid
+        ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_uid
         ds.PatientName, ds.PatientID, ds.PatientBirthDate, ds.PatientSex = patient_name, patient_id, "", "O"
         ds.StudyInstanceUID, ds.StudyDate, ds.StudyTime, ds.StudyID = study_uid, "20260101", "120000", "1"
         ds.ReferringPhysicianName, ds.AccessionNumber, ds.StudyDescription = "", "", "LA MRI"
@@ -570,17 +599,23 @@ def write_series(
         ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = frame_uid, ""
         ds.Manufacturer = "medssl"
         ds.InstanceNumber = (k + 1) if file_names != "shuffled" else int(names[k][2:6])
-        ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
-        ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions, ds.MRAcquisitionType = "GR", "SP", "", "3D"
-        ds.RepetitionTime, ds.EchoTime, ds.EchoTrainLength, ds.SliceThickness = 3.1, 1.4, 1, float(np.linalg.norm(step))
+        if modality == "CT":
+            ds.ImageType, ds.KVP = ["ORIGINAL", "PRIMARY", "AXIAL"], "120"
+            ds.SliceThickness = float(np.linalg.norm(step))
+        else:
+            ds.ImageType = ["ORIGINAL", "PRIMARY", "OTHER"]
+            ds.ScanningSequence, ds.SequenceVariant, ds.ScanOptions, ds.MRAcquisitionType = "GR", "SP", "", "3D"
+            ds.RepetitionTime, ds.EchoTime, ds.EchoTrainLength = 3.1, 1.4, 1
+            ds.SliceThickness = float(np.linalg.norm(step))
         ds.ImagePositionPatient = [float(v) for v in np.round(lps[:3, 3] + k * step, 6)]
         ds.ImageOrientationPatient = [float(v) for v in np.round(np.concatenate([row_cos, col_cos]), 8)]
         ds.PixelSpacing = [float(round(dj, 6)), float(round(di, 6))]  # between rows, between columns
         ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
         ds.Rows, ds.Columns = int(array.shape[1]), int(array.shape[0])
         ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
-        if slope != 1.0 or intercept != 0.0:
-            ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = f"{slope:.10g}"[:16], f"{intercept:.10g}"[:16], "US"
+        if slope != 1.0 or intercept != 0.0 or modality == "CT":  # CT Image Storage requires the rescale
+            ds.RescaleSlope, ds.RescaleIntercept = f"{slope:.10g}"[:16], f"{intercept:.10g}"[:16]
+            ds.RescaleType = "HU" if modality == "CT" else "US"
         ds.PixelData = np.ascontiguousarray(array[:, :, k].T, dtype="<i2").tobytes()
         path = folder / (f"{sop_uid}.dcm" if file_names == "uid" else names[k])
         with atomic_path(path) as tmp:

@@ -221,6 +221,9 @@ class Segmenter:
         outputs = meta.get("network_data_format", {}).get("post_processed_outputs", {}).get("pred", {})
         channels = outputs.get("channel_def") or meta["network_data_format"]["outputs"]["pred"]["channel_def"]
         self.label_names = {int(k): str(v) for k, v in channels.items() if int(k) > 0}
+        # the modality the bundle segments (its metadata's input): a DICOM series of another is refused
+        image = meta.get("network_data_format", {}).get("inputs", {}).get("image", {})
+        self.modalities = (str(image.get("modality") or "MR").upper(),)
         # the DICOM SEG codes of the bundle's labels key (configs before it existed have none: coded by name)
         labels = parser.get("labels")
         self.label_codes = (
@@ -384,7 +387,9 @@ class Segmenter:
         try:
             volume = None
             if scan.kind == "dicom":
-                volume = read_series(scan.source, series, announce or logger.info)
+                volume = read_series(
+                    scan.source, series, announce or logger.info, modalities=self.modalities, bundle=self.name
+                )
                 image = work / f"{scan.name}.nii"
                 nib.save(nib.Nifti1Image(volume.array, volume.affine), str(image))
             else:
