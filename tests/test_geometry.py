@@ -35,8 +35,9 @@ def _describe(compose):
         if type(t).__name__ == "Spacingd":
             d["pixdim"] = [float(x) for x in t.spacing_transform.pixdim]
             d["mode"] = list(t.mode)
-        if type(t).__name__ == "NormalizeIntensityd":
-            n = t.normalizer
+        if type(t).__name__ == "Intensityd":  # the intensity key; zscore is MONAI's NormalizeIntensityd
+            d["intensity"] = t.spec
+            n = t.transform.normalizer
             d.update(subtrahend=n.subtrahend, divisor=n.divisor, nonzero=n.nonzero, channel_wise=n.channel_wise)
         out.append(d)
     return out
@@ -67,11 +68,12 @@ def test_one_preprocessing_in_train_evaluate_inference(bundle):
         "CheckVolumed",  # the file's own voxels (NaN, label values), before anything changes them
         "Orientationd",
         "Spacingd",
-        "NormalizeIntensityd",
+        "Intensityd",
         "EnsureTyped",
     ]
     assert first[2]["axcodes"] == "RAS" and first[3]["pixdim"] == [0.625] * 3
-    assert first[4] == {**first[4], "subtrahend": None, "divisor": None, "nonzero": False, "channel_wise": False}
+    assert first[4] == {**first[4], "subtrahend": None, "divisor": None, "nonzero": False, "channel_wise": False,
+                        "intensity": {"mode": "zscore"}}  # fmt: skip
     for name, d in described.items():
         assert d == first, f"{bundle}: {name} preprocessing differs from train's"
     # the raw config text too: one definition, no drift
