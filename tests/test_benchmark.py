@@ -35,6 +35,7 @@ def test_plan_runs_order_and_overrides(tmp_path):
     assert "pretrained_ckpt" not in runs[1]["steps"][0]["overrides"]
     assert runs[5]["bundle"] == "cvrl_semisup" and runs[5]["steps"][1]["config"] == ["train", "evaluate"]
     assert PROFILES["paper"].evaluate == {"sw_stride": [18, 18, 4]}
+    assert runs[5]["steps"][1]["overrides"]["distance_unit"] == "voxel"  # the LA tables: distances in voxels
     with pytest.raises(ValueError, match="unknown methods"):
         plan_runs(PROFILES["cpu"], ["magic"], [8], None, tmp_path, tmp_path)
 

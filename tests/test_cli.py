@@ -32,7 +32,7 @@ def test_demo_readme_command(tmp_path):
     mean = rows[2]
     # 200 SGD iterations on 4 synthetic cases segment the 2 held-out ones well (0.92 mean Dice when recorded)
     assert float(mean["dice"]) > 0.8 and float(mean["jaccard"]) > 0.65
-    assert "Dice / Jaccard in [0, 1]; 95HD / ASD in voxels" in proc.stdout
+    assert "Dice / Jaccard in [0, 1]; 95HD / ASD in mm" in proc.stdout  # the bundles' default distance_unit
     mean_line = [line for line in proc.stdout.splitlines() if line.startswith("mean ")][-1]  # the printed table
     assert mean_line.split()[1:3] == [f"{float(mean['dice']):.3f}", f"{float(mean['jaccard']):.3f}"]
     png = (out / "demo.png").read_bytes()

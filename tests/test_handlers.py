@@ -6,6 +6,7 @@ import logging
 import pytest
 import torch
 from ignite.engine import Engine, Events
+from medssl.data import DataError
 from medssl.handlers import MetricsTable, TrainingCheckpoint, latest_checkpoint
 
 
@@ -91,6 +92,43 @@ def test_metrics_table(tmp_path, caplog):
     assert float(rows[5][1]) == pytest.approx(0.163299, abs=1e-6)
     assert rows[6] == ["n_nan", "0", "1"]
     assert "per-case metrics" in caplog.text
+
+
+def test_metrics_table_per_class_and_mm(tmp_path):
+    """Three foreground classes: the case's mean over classes (NaN if one class is NaN), then one column per class
+    named after its label; distance columns carry _mm when the distances are in mm."""
+    from monai.data import MetaTensor
+
+    engine = Engine(lambda e, b: None)
+
+    @engine.on(Events.EPOCH_COMPLETED)
+    def details(e):
+        e.state.metric_details = {
+            "dice": torch.tensor([[0.9, 0.6, 0.3], [0.8, 0.7, 0.0]]),
+            "hd95": torch.tensor([[1.0, 2.0, 6.0], [3.0, 5.0, float("nan")]]),
+        }
+
+    labels = {"0": "background", "1": {"name": "Liver"}, "2": "spleen", "3": "left kidney"}
+    MetricsTable(str(tmp_path), metrics=["dice", "hd95"], labels=labels, distance_unit="mm").attach(engine)
+    batches = [[{"image": MetaTensor(torch.zeros(1), meta={"filename_or_obj": f"/d/ct{i}.nii.gz"})}] for i in (1, 2)]
+    engine.run(batches, max_epochs=1)
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert list(rows[0]) == [
+        "case", "dice", "dice_liver", "dice_spleen", "dice_left_kidney",
+        "hd95_mm", "hd95_mm_liver", "hd95_mm_spleen", "hd95_mm_left_kidney",
+    ]  # fmt: skip
+    assert float(rows[0]["dice"]) == pytest.approx(0.6) and float(rows[1]["dice"]) == pytest.approx(0.5)
+    assert float(rows[0]["hd95_mm"]) == pytest.approx(3.0) and rows[1]["hd95_mm"] == "nan"
+    mean = rows[2]
+    assert float(mean["dice_spleen"]) == pytest.approx(0.65) and float(mean["hd95_mm"]) == pytest.approx(3.0)
+    assert rows[4]["hd95_mm"] == "1" and rows[4]["hd95_mm_left_kidney"] == "1" and rows[4]["dice"] == "0"
+    # names that cannot tell the classes apart fall back to the label values
+    table = MetricsTable(str(tmp_path), metrics=["dice"], labels={"0": "bg", "1": "left kidney", "2": "left-kidney", "3": "b"}).table(
+        {"dice": torch.tensor([[0.1, 0.2, 0.3]])}
+    )
+    assert list(table) == ["dice", "dice_1", "dice_2", "dice_3"]
+    with pytest.raises(DataError, match="distance_unit: 'cm' is not a distance unit"):
+        MetricsTable(str(tmp_path), distance_unit="cm")
 
 
 def test_training_rng_round_trip_through_weights_only(tmp_path):

@@ -276,6 +276,24 @@ def test_segmentation_metric_spacing_and_lists(toy_pair):
     assert per_case[:, 0].tolist() == [asd(pred0, label0), asd(pred1, label1, (0.5, 0.5, 2.0))]
 
 
+def test_segmentation_metric_spacing_from_the_image(toy_pair):
+    """spacing="image": each case's voxel size from its MetaTensor affine (rotated too); a plain tensor is refused."""
+    (pred0, pred1), (label0, label1) = toy_pair
+    rotation = np.array([[0.0, -1.0, 0.0], [1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # axes swapped in world space
+    affines = [np.diag([0.8, 0.8, 3.0, 1.0]), np.eye(4)]
+    affines[1][:3, :3] = rotation @ np.diag([1.5, 0.7, 2.0])
+    preds = [MetaTensor(t, affine=torch.as_tensor(a)) for t, a in zip(onehot_batch(pred0, pred1), affines)]
+    labels = list(onehot_batch(label0, label1))
+    for name, fn in (("hd95", hd95), ("asd", asd)):
+        values = SegmentationMetric(name, spacing="image")(preds, labels)
+        assert values[:, 0].tolist() == [fn(pred0, label0, (0.8, 0.8, 3.0)), fn(pred1, label1, (1.5, 0.7, 2.0))]
+        assert values[0, 0].item() != fn(pred0, label0)  # not the voxel value
+    with pytest.raises(ValueError, match="spacing='image'\\) needs a MetaTensor prediction with an affine"):
+        SegmentationMetric("hd95", spacing="image")(onehot_batch(pred0), onehot_batch(label0))
+    with pytest.raises(ValueError, match="spacing must be numbers, None or 'image'; got 'mm'"):
+        SegmentationMetric("hd95", spacing="mm")(preds, labels)
+
+
 def test_segmentation_metric_aggregate_ignores_nan(toy_pair):
     (pred0, _), (label0, label1) = toy_pair
     empty = np.zeros_like(pred0)

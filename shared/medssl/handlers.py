@@ -27,11 +27,19 @@ class MetricsTable:
     written atomically at the end of the evaluation; the table is also logged. NaN values (a distance on an
     empty prediction or label) are left out of the mean and std, and counted in an ``n_nan`` row.
 
+    With several foreground classes each metric has one column per class, named after the class
+    (``dice_liver``, ``hd95_mm_spleen``, from ``labels``; the label value where there are no names), after a column of
+    the case's mean over the classes (``dice``; NaN when one class is NaN, so a missed structure stays visible).
+    Distance columns (``hd95*``, ``asd*``) are suffixed ``_mm`` when ``distance_unit`` is ``mm``; in voxels they keep
+    their plain names (the LA benchmark's tables).
+
     Args:
         save_dir: folder of the CSV file.
         metrics: metric names as attached to the evaluator (``key_val_metric`` / ``additional_metrics``).
         filename: CSV file name.
         image_key: batch key whose ``.meta["filename_or_obj"]`` names the case.
+        labels: the bundle's ``labels`` (value -> name or entry, see :mod:`medssl.task`), to name the class columns.
+        distance_unit: ``"voxel"`` or ``"mm"``, the unit the distance metrics were computed in.
     """
 
     def __init__(
@@ -40,8 +48,14 @@ class MetricsTable:
         metrics: Sequence[str] = ("dice", "jaccard", "hd95", "asd"),
         filename: str = "metrics.csv",
         image_key: str = "image",
+        labels: Optional[Mapping[Any, Any]] = None,
+        distance_unit: str = "voxel",
     ) -> None:
+        from medssl.task import distance_spacing, label_names
+
         self.save_dir, self.metrics, self.filename, self.image_key = save_dir, list(metrics), filename, image_key
+        self.mm = distance_spacing(distance_unit) is not None
+        self.label_names = label_names(labels) if labels else {}
         self._names: List[str] = []
 
     def attach(self, engine: Engine) -> None:
@@ -55,13 +69,24 @@ class MetricsTable:
             name = os.path.basename(str(meta.get("filename_or_obj", f"case_{len(self._names)}")))
             self._names.append(re.sub(r"\.nii(\.gz)?$", "", name))
 
+    def _class_suffixes(self, n: int) -> List[str]:
+        """Column suffixes of foreground classes 1..n: slugs of their names, or the values where names are missing
+        or collide."""
+        slugs = [re.sub(r"[^0-9a-z]+", "_", self.label_names.get(c, "").lower()).strip("_") for c in range(1, n + 1)]
+        if all(slugs) and len(set(slugs)) == n:
+            return slugs
+        return [str(c) for c in range(1, n + 1)]
+
     def table(self, details: Dict[str, torch.Tensor]) -> Dict[str, np.ndarray]:
         columns: Dict[str, np.ndarray] = {}
         for name in self.metrics:
             values = np.asarray(torch.as_tensor(details[name]).float().cpu(), dtype=np.float64)
             values = values.reshape(len(values), -1)
-            for c in range(values.shape[1]):
-                columns[name if values.shape[1] == 1 else f"{name}_{c + 1}"] = values[:, c]
+            base = f"{name}_mm" if self.mm and name.startswith(("hd95", "asd")) else name
+            columns[base] = values.mean(axis=1)
+            if values.shape[1] > 1:
+                for suffix, column in zip(self._class_suffixes(values.shape[1]), values.T):
+                    columns[f"{base}_{suffix}"] = column
         return columns
 
     def __call__(self, engine: Engine) -> None:

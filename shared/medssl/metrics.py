@@ -52,6 +52,8 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
+from monai.data.utils import affine_to_spacing
 from monai.metrics import CumulativeIterationMetric
 from monai.metrics.utils import do_metric_reduction
 from monai.utils import MetricReduction, look_up_option
@@ -356,7 +358,8 @@ class SegmentationMetric(CumulativeIterationMetric):
             no valid value is NaN (MONAI's ``do_metric_reduction`` would give 0, a flattering distance).
         get_not_nans: whether :meth:`aggregate` also returns the number of non-NaN values behind each result.
         spacing: voxel size along each spatial axis for ``hd95`` / ``asd`` (a number is used for every axis);
-            None for voxel units, as the benchmark reports.
+            ``"image"`` for each case's own voxel size, read from the affine of the prediction (a MONAI
+            ``MetaTensor``, as ``Invertd`` gives: distances in mm); None for voxel units, as the benchmark reports.
 
     Raises:
         ValueError: when ``metric_name`` or ``reduction`` is not supported.
@@ -422,7 +425,10 @@ class SegmentationMetric(CumulativeIterationMetric):
             warnings.warn("single channel prediction, `include_background=False` ignored.", stacklevel=2)
             first = 0
         batch, n_spatial = y_pred.shape[0], y_pred.ndim - 2
-        spacings = self._case_spacings(self.spacing if spacing is None else spacing, batch, n_spatial)
+        spacing = self.spacing if spacing is None else spacing
+        if isinstance(spacing, str):
+            spacing = self._image_spacing(y_pred, spacing, batch, n_spatial)
+        spacings = self._case_spacings(spacing, batch, n_spatial)
         fn = _FUNCTIONS[self.metric_name]
         values = np.empty((batch, y_pred.shape[1] - first), dtype=np.float64)
         for b in range(batch):
@@ -433,6 +439,23 @@ class SegmentationMetric(CumulativeIterationMetric):
                 else:
                     values[b, c - first] = fn(p, lab)
         return torch.as_tensor(values, device=y_pred.device)
+
+    def _image_spacing(self, y_pred: torch.Tensor, spacing: str, batch: int, n_spatial: int) -> np.ndarray:
+        """``[B, n_spatial]`` voxel sizes from the affine of a ``MetaTensor`` prediction (``spacing="image"``)."""
+        if spacing != "image":
+            raise ValueError(f"SegmentationMetric: spacing must be numbers, None or 'image'; got {spacing!r}.")
+        affine = getattr(y_pred, "affine", None)
+        if not isinstance(y_pred, MetaTensor) or affine is None:
+            raise ValueError(
+                f"SegmentationMetric({self.metric_name!r}, spacing='image') needs a MetaTensor prediction with an "
+                f"affine (as LoadImaged and Invertd give), got {type(y_pred).__name__}."
+            )
+        affine = np.asarray(convert_to_numpy(affine), dtype=np.float64).reshape(-1, n_spatial + 1, n_spatial + 1)
+        if len(affine) == 1:
+            affine = np.repeat(affine, batch, axis=0)
+        if len(affine) != batch:
+            raise ValueError(f"SegmentationMetric: {len(affine)} affines for a batch of {batch} cases.")
+        return np.stack([affine_to_spacing(a, r=n_spatial) for a in affine])
 
     @staticmethod
     def _case_spacings(spacing: SpacingLike, batch: int, n_spatial: int) -> list:

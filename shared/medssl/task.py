@@ -23,6 +23,9 @@ that label in post-processing (by default each label keeps its largest connected
 ``modality`` (``MR`` or ``CT``, :func:`check_modality`) is what the bundle segments: ``segment`` reads DICOM series of
 that modality only.
 
+``distance_unit`` (evaluate.json, :data:`DISTANCE_UNITS`) is the unit of HD95 and ASD: ``mm`` (the default: from each
+case's voxel size) or ``voxel`` (the LA benchmark tables of the literature, computed with medpy on voxel grids).
+
 :func:`num_classes` and :func:`classes` check ``labels`` (and a given ``num_classes``) and :func:`check_intensity`
 the intensity spec, each raising :class:`medssl.data.DataError` with a message naming the key and what was expected;
 :class:`medssl.transforms.Intensityd` is the transform built from the spec. :func:`write_task` (run at the end of a
@@ -49,11 +52,16 @@ __all__ = [
     "largest_component_labels",
     "check_intensity",
     "check_modality",
+    "DISTANCE_UNITS",
+    "distance_spacing",
     "write_task",
+    "BundleTask",
+    "read_task",
 ]
 
 INTENSITY_MODES = ("zscore", "window", "percentile")
 MODALITIES = ("MR", "CT")
+DISTANCE_UNITS = ("mm", "voxel")
 _LABEL_FIELDS = ("name", "code", "category", "largest_component")
 _INTENSITY_FIELDS = {"zscore": {"mode"}, "window": {"mode", "range", "output"}, "percentile": {"mode", "range"}}
 
@@ -173,6 +181,19 @@ def check_modality(modality: Any, key: str = "modality") -> str:
     if value not in MODALITIES:
         raise DataError(f"{key}: {modality!r} is not a modality medssl reads; expected one of {list(MODALITIES)}.")
     return value
+
+
+def distance_spacing(unit: Any, key: str = "distance_unit") -> Optional[str]:
+    """The ``spacing`` of :class:`medssl.metrics.SegmentationMetric` for a distance unit: ``"image"`` (each case's
+    voxel size, distances in mm) for ``mm``, None (voxel units) for ``voxel``.
+
+    Raises:
+        DataError: another unit (the message lists the units).
+    """
+    value = str(unit).strip().lower()
+    if value not in DISTANCE_UNITS:
+        raise DataError(f"{key}: {unit!r} is not a distance unit; expected one of {list(DISTANCE_UNITS)}.")
+    return "image" if value == "mm" else None
 
 
 def _pair(value: Any, where: str, what: str) -> Tuple[float, float]:
@@ -298,3 +319,42 @@ def write_task(
         if _write_json_if_changed(metadata, meta):
             written.append("configs/metadata.json")
     return written
+
+
+@dataclass(frozen=True)
+class BundleTask:
+    """What a bundle folder says of its task (:func:`read_task`): the foreground label names (value -> name), their
+    DICOM SEG codes where its ``labels`` key gives them (value -> (code, category), either None), and the modality."""
+
+    names: Dict[int, str]
+    codes: Dict[int, Tuple[Optional[Tuple[str, str, str]], Optional[Tuple[str, str, str]]]]
+    modality: str
+
+
+def read_task(bundle_root: os.PathLike | str) -> BundleTask:
+    """The task of a bundle folder, from ``configs/metadata.json`` (``channel_def`` of the post-processed output, else
+    of the output; ``inputs.image.modality``, MR when absent) and ``configs/inference.json``'s ``labels`` (the codes;
+    configs from before that key have none, and are coded by name). What ``segment``, the DICOM node and the MONAI
+    Deploy app read, so a trained bundle is served as it was trained.
+
+    Raises:
+        DataError: a missing or unreadable config file, no ``channel_def``, bad ``labels`` or ``modality``.
+    """
+    root = Path(bundle_root)
+    configs = {}
+    for name in ("metadata", "inference"):
+        path = root / "configs" / f"{name}.json"
+        try:
+            configs[name] = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: cannot read the bundle's {name} config ({e}).") from None
+    formats = configs["metadata"].get("network_data_format", {})
+    post = formats.get("post_processed_outputs", {}).get("pred", {})
+    channels = post.get("channel_def") or formats.get("outputs", {}).get("pred", {}).get("channel_def")
+    if not channels:
+        raise DataError(f"{root / 'configs' / 'metadata.json'}: network_data_format names no channel_def.")
+    names = {int(k): str(v) for k, v in channels.items() if int(k) > 0}
+    modality = check_modality(formats.get("inputs", {}).get("image", {}).get("modality"), "inputs.image.modality")
+    labels = configs["inference"].get("labels")
+    codes = {v: (lab.code, lab.category) for v, lab in parse_labels(labels).items() if v > 0} if labels else {}
+    return BundleTask(names, codes, modality)

@@ -189,6 +189,7 @@ def plan_runs(
         evaluate = {
             "dataset_dir": str(data_dir),
             "bundle_root": str(d),
+            "distance_unit": "voxel",  # the LA tables of the literature (medpy on the voxel grid)
             **{
                 k: v for k, v in profile.train.items() if k in ("patch_size", "spacing", "sw_batch_size", "num_workers")
             },

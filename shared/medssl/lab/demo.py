@@ -163,7 +163,8 @@ def _format_table(rows: List[Dict[str, Any]]) -> str:
         if r["case"] == "n_nan":
             continue
         lines.append(f"{r['case']:<{width}}  " + "  ".join(f"{r[c]:>8.3f}" for c in cols))
-    return "Dice / Jaccard in [0, 1]; 95HD / ASD in voxels\n" + "\n".join(lines)
+    unit = "mm" if "hd95_mm" in cols else "voxels"
+    return f"Dice / Jaccard in [0, 1]; 95HD / ASD in {unit}\n" + "\n".join(lines)
 
 
 def plot_cases(
