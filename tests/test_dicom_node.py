@@ -33,6 +33,7 @@ from orthanc import Orthanc, free_port, stop_process, wait_until
 
 from medssl.clinic.dicom import MR_IMAGE_STORAGE as MR
 from medssl.clinic.dicom_node import DicomNode, parse_destination, send_file
+from medssl.data import DataError
 from medssl.metrics import dice
 
 CT = "1.2.840.10008.5.1.4.1.1.2"
@@ -307,6 +308,33 @@ def test_parse_destination():
     for bad in ("ORTHANC@host", "host:4242", "A@h:0", "WAYTOOLONGAETITLE17@h:1"):
         with pytest.raises(DataError, match="AET@HOST:PORT"):
             parse_destination(bad)
+
+
+def test_node_accepts_the_modality_of_its_bundle(tmp_path, caplog):
+    """A CT bundle's node stores CT Image Storage and refuses MR (0x0122, logged naming what it accepts); the default
+    processor says its bundle's modality; both are stored while the model is still being built."""
+    caplog.set_level("INFO", logger="medssl.clinic.dicom_node")
+    files = small_series(tmp_path / "s", study_uid="1.2.3.9")
+    cts = []
+    for f in files:
+        ds = pydicom.dcmread(f)
+        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CT
+        ds.Modality = "CT"
+        cts.append(ds)
+    mr = renumbered(files[:1])
+    node = DicomNode(tmp_path / "work", port=0, quiet_seconds=30, process=fake_process(), modalities=["CT"]).start()
+    try:
+        assert c_store(node.port, [*cts, *mr], sop_classes=(MR, CT)) == [0] * len(cts) + [0x0122]
+        wait_until(lambda: series_folders(node.workdir, "done"), 30, "the CT series in done/")
+    finally:
+        node.stop()
+    assert f"SOP class {MR} is not accepted (only CT Image Storage)" in caplog.text
+    building = DicomNode(tmp_path / "w2", port=0)  # no processor yet: the default one is built at start
+    assert set(building.accepted_sop_classes()) == {MR, CT}
+    building.process = type("P", (), {"modalities": ("MR",)})()
+    assert building.accepted_sop_classes() == {MR: "MR Image Storage"}
+    with pytest.raises(DataError, match=r"modalities: \['US'\] not accepted"):
+        DicomNode(tmp_path / "w3", modalities=["US"])
 
 
 @pytest.mark.filterwarnings(

@@ -1,13 +1,15 @@
-"""MONAI Deploy app: the released la_seg_finetune bundle on a folder of DICOM, a DICOM SEG out.
+"""MONAI Deploy app: a segmentation bundle (default the released la_seg_finetune) on a DICOM folder, a DICOM SEG out.
 
     bash apps/deploy/make_env.sh      # once: .venv-deploy, the SDK's environment (reusing .venv's torch)
     .venv-deploy/bin/python apps/deploy/app.py -i DICOM_FOLDER -o OUT [-m BUNDLE_FOLDER]
 
-Built from the MONAI Deploy App SDK's own operators: DICOMDataLoaderOperator -> DICOMSeriesSelectorOperator (the MR
-series) -> DICOMSeriesToVolumeOperator -> MonaiBundleInferenceOperator (the bundle's preprocessing, inferer and
-postprocessing, Invertd included) -> DICOMSegmentationWriterOperator. ``-m`` is a bundle folder with
-``models/model.pt`` (default ``$HOLOSCAN_MODEL_PATH``); without one the bundle is pulled by name from the checkout's
-``bundle_index.json`` (checksum verified) into ``$MEDSSL_HOME/bundles``.
+Built from the MONAI Deploy App SDK's own operators: DICOMDataLoaderOperator -> DICOMSeriesSelectorOperator (the
+series of the bundle's modality, MR or CT) -> DICOMSeriesToVolumeOperator -> MonaiBundleInferenceOperator (the
+bundle's preprocessing, inferer and postprocessing, Invertd included) -> DICOMSegmentationWriterOperator. ``-m``
+is a bundle folder with ``models/model.pt`` (default ``$HOLOSCAN_MODEL_PATH``); without one the bundle is pulled by
+name from the checkout's ``bundle_index.json`` (checksum verified) into ``$MEDSSL_HOME/bundles``. The SEG has one
+segment per label of the bundle, named and coded as ``segment`` codes them (:func:`medssl.task.read_task`,
+:func:`medssl.clinic.dicom.segment_codes`).
 
 Two things the bundle needs of the SDK's inference operator (:class:`MedsslBundleInferenceOperator`):
 
@@ -18,6 +20,7 @@ Two things the bundle needs of the SDK's inference operator (:class:`MedsslBundl
   the network gives, so logits would not give the same label map as ``segment``.
 """
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -33,8 +36,32 @@ from pydicom.sr.codedict import codes
 from pydicom.sr.coding import Code
 
 BUNDLE = "la_seg_finetune"
-# the MR image series of a study (localizers, SEG and other objects are not MR images)
-SELECTION_RULES = '{"selections": [{"name": "MR", "conditions": {"Modality": "(?i)MR"}}]}'
+
+
+def selection_rules(modality: str) -> str:
+    """The image series of a study of the bundle's modality (localizers, SEG and other objects are not)."""
+    rule = {"name": modality, "conditions": {"Modality": f"(?i){modality}"}}
+    return json.dumps({"selections": [rule]})
+
+
+def segment_descriptions(task, name: str, version: str) -> list:
+    """One SDK SegmentDescription per foreground label, in label order, with the bundle's codes."""
+    from medssl.clinic.dicom import segment_codes
+
+    out = []
+    for value, name in sorted(task.names.items()):
+        code, category = segment_codes(name, *task.codes.get(value, (None, None)))
+        out.append(
+            SegmentDescription(
+                segment_label=name[:64].capitalize(),
+                segmented_property_category=Code(*category),
+                segmented_property_type=Code(*code),
+                algorithm_name=name,
+                algorithm_family=codes.DCM.ArtificialIntelligence,
+                algorithm_version=str(version),
+            )
+        )
+    return out
 
 
 class MedsslBundleInferenceOperator(MonaiBundleInferenceOperator):
@@ -77,19 +104,21 @@ def bundle_folder(model_path) -> Path:
 
 
 class LASegmentationApp(Application):
-    """DICOM MR series in, the left atrium as a DICOM SEG out, with the released la_seg_finetune bundle."""
+    """A DICOM series of the bundle's modality in, its labels as a DICOM SEG out (default the released la_seg_finetune:
+    MR in, the left atrium out)."""
 
     def compose(self):
-        import json
+        from medssl.task import read_task
 
         context: AppContext = Application.init_app_context(self.argv)
         bundle = bundle_folder(context.model_path)  # -m, else $HOLOSCAN_MODEL_PATH, else pulled
         version = json.loads((bundle / "configs" / "metadata.json").read_text())["version"]
-        logging.info(f"bundle {bundle} (version {version})")
+        task = read_task(bundle)
+        logging.info(f"bundle {bundle} (version {version}): {task.modality} series, labels {task.names}")
         loader = DICOMDataLoaderOperator(
             self, CountCondition(self, 1), input_folder=Path(context.input_path), name="dicom_loader"
         )
-        selector = DICOMSeriesSelectorOperator(self, rules=SELECTION_RULES, name="series_selector")
+        selector = DICOMSeriesSelectorOperator(self, rules=selection_rules(task.modality), name="series_selector")
         to_volume = DICOMSeriesToVolumeOperator(self, name="series_to_volume")
         infer = MedsslBundleInferenceOperator(
             self,
@@ -99,16 +128,9 @@ class LASegmentationApp(Application):
             output_mapping=[IOMapping("pred", Image, IOType.IN_MEMORY)],
             name="bundle_inference",
         )
-        segment = SegmentDescription(
-            segment_label="Left atrium",
-            segmented_property_category=codes.SCT.AnatomicalStructure,
-            segmented_property_type=Code("82471001", "SCT", "Left atrium"),
-            algorithm_name=BUNDLE,
-            algorithm_family=codes.DCM.ArtificialIntelligence,
-            algorithm_version=str(version),
-        )
         output = Path(context.output_path)
-        writer = DICOMSegmentationWriterOperator(self, segment_descriptions=[segment], output_folder=output, name="seg")
+        segments = segment_descriptions(task, bundle.name.split("_v")[0], version)
+        writer = DICOMSegmentationWriterOperator(self, segment_descriptions=segments, output_folder=output, name="seg")
         self.add_flow(loader, selector, {("dicom_study_list", "dicom_study_list")})
         self.add_flow(selector, to_volume, {("study_selected_series_list", "study_selected_series_list")})
         self.add_flow(to_volume, infer, {("image", "image")})

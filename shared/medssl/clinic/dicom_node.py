@@ -30,11 +30,14 @@ The log says, per series: receiving (from whom), received with N instances (rele
 segmenting, segmented in S s (volume) or failed with the reason, SEG sent in S s and how long after the first
 instance; refusals and send failures name the instance or file and the reason.
 
-What is accepted: MR Image Storage (one slice per instance), uncompressed transfer syntaxes (a sender such as
-Orthanc transcodes compressed images). Every other storage SOP class (Enhanced MR, CT, SEG...) is negotiated so that
-the sender gets a clear per-instance refusal, status 0x0122 (SOP class not supported), and a log line, rather than
-an association without usable contexts. A data set that cannot be decoded gets 0xC210, one whose UIDs are missing
-or not valid UIDs (they become folder names) or disagree with the request gets 0xA900, a disk error gets 0xA700.
+What is accepted: the image storage of the bundle's modality (its metadata's ``modality``: MR Image Storage, or CT
+Image Storage for a CT bundle; one slice per instance), uncompressed transfer syntaxes (a sender such as Orthanc
+transcodes compressed images). Every other storage SOP class (Enhanced MR, the other modality, SEG...) is negotiated
+so that the sender gets a clear per-instance refusal, status 0x0122 (SOP class not supported), and a log line, rather
+than an association without usable contexts. While the model is being built (the first seconds after the start) both
+are stored; a series of the other modality then fails with the segmenter's one-line reason. A data set that cannot
+be decoded gets 0xC210, one whose UIDs are missing or not valid UIDs (they become folder names) or disagree with the
+request gets 0xA900, a disk error gets 0xA700.
 
 Options (defaults): ``--workdir dicom_node``, ``--ae_title MEDSSL``, ``--host 127.0.0.1`` (loopback only: this node
 has no TLS and no user identity check; use ``--host 0.0.0.0`` to listen on every interface of a trusted network),
@@ -58,9 +61,9 @@ import signal
 import socket
 import threading
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
-from medssl.clinic.dicom import MR_IMAGE_STORAGE
+from medssl.clinic.dicom import CT_IMAGE_STORAGE, MR_IMAGE_STORAGE
 from medssl.clinic.dicom_send import SendError, parse_destination, send_file  # part of this module's API, as before
 from medssl.clinic.series_queue import Key, Processor, SeriesQueue
 from medssl.data import DataError, as_bool
@@ -70,7 +73,8 @@ __all__ = ["DicomNode", "SegmenterProcessor", "SendError", "parse_destination", 
 log = logging.getLogger("medssl.clinic.dicom_node")
 
 VERIFICATION = "1.2.840.10008.1.1"
-ACCEPTED_SOP_CLASSES = {MR_IMAGE_STORAGE: "MR Image Storage"}
+STORAGE_OF_MODALITY = {"MR": (MR_IMAGE_STORAGE, "MR Image Storage"), "CT": (CT_IMAGE_STORAGE, "CT Image Storage")}
+ACCEPTED_SOP_CLASSES = {MR_IMAGE_STORAGE: "MR Image Storage"}  # a processor that says nothing of its modalities
 # C-STORE statuses (PS3.4 B.2.3 / PS3.7 C.4.2.1.4)
 SUCCESS = 0x0000
 REFUSED_SOP_CLASS = 0x0122
@@ -105,6 +109,7 @@ class SegmenterProcessor:
         from medssl.clinic.segment import Segmenter
 
         self.segmenter = Segmenter(progress=False, **options)
+        self.modalities = tuple(self.segmenter.modalities)  # what the node accepts: the bundle's
 
     def __call__(self, series_dir: Path, out_dir: Path) -> Dict[str, Any]:
         """Segment the one series in ``series_dir``; the result dict of :meth:`Segmenter.segment`."""
@@ -128,6 +133,8 @@ class DicomNode:
         process: ``process(series_dir, out_dir) -> {"status": "ok"|"failed", "error", "dicom_seg", ...}``; default a
             :class:`SegmenterProcessor` built at :meth:`start` from ``processor_options``.
         send_retries: attempts per SEG.
+        modalities: the modalities whose image storage is accepted (``("MR",)``, ``("CT",)``); default the
+            processor's ``modalities`` (the bundle's metadata, for the default processor), else MR.
 
     Raises:
         DataError: a bad destination, AE title, port, quiet period or queue bound.
@@ -145,7 +152,12 @@ class DicomNode:
         process: Optional[Processor] = None,
         send_retries: int = 3,
         processor_options: Optional[Dict[str, Any]] = None,
+        modalities: Optional[Sequence[str]] = None,
     ):
+        unknown = [m for m in modalities or () if m not in STORAGE_OF_MODALITY]
+        if unknown:
+            raise DataError(f"modalities: {unknown} not accepted; expected some of {list(STORAGE_OF_MODALITY)}.")
+        self.modalities = tuple(modalities) if modalities else None
         self.workdir = Path(workdir).expanduser().resolve()
         self.ae_title = str(ae_title).strip()
         if not 0 < len(self.ae_title) <= 16 or "\\" in self.ae_title:
@@ -274,6 +286,16 @@ class DicomNode:
 
     # associations -------------------------------------------------------------------------------------------------
 
+    def accepted_sop_classes(self) -> Dict[str, str]:
+        """SOP class UID -> name of what C-STORE accepts now: the image storage of :attr:`modalities`, else of the
+        processor's ``modalities``; both MR and CT while the default processor is being built."""
+        if self.modalities is None and self.process is None:
+            return dict(STORAGE_OF_MODALITY.values())
+        modalities = self.modalities or getattr(self.process, "modalities", None)
+        if not modalities:
+            return dict(ACCEPTED_SOP_CLASSES)
+        return dict(STORAGE_OF_MODALITY[m] for m in modalities if m in STORAGE_OF_MODALITY)
+
     def _on_echo(self, event) -> int:
         return SUCCESS
 
@@ -286,13 +308,14 @@ class DicomNode:
         except Exception as e:  # noqa: BLE001 - a malformed request must not reach pynetdicom's catch-all
             log.warning("refused a C-STORE from %s: unreadable request (%s)", peer, e)
             return CANNOT_UNDERSTAND
-        if sop_class not in ACCEPTED_SOP_CLASSES:
+        accepted = self.accepted_sop_classes()
+        if sop_class not in accepted:
             log.warning(
                 "refused instance %s from %s: SOP class %s is not accepted (only %s)",
                 sop_uid,
                 peer,
                 sop_class,
-                ", ".join(ACCEPTED_SOP_CLASSES.values()),
+                ", ".join(accepted.values()),
             )
             return REFUSED_SOP_CLASS
         try:

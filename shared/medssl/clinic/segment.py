@@ -35,7 +35,7 @@ import numpy as np
 from medssl.bundle import cache_dir, default_index, require_weights
 from medssl.data import NIFTI_SUFFIXES, DataError, as_bool, atomic_path, check_headers, data_error_message, write_json
 from medssl.export import RUNTIMES, check_runtime
-from medssl.task import parse_labels
+from medssl.task import read_task
 from medssl.clinic.runtime_choice import default_runtime
 
 __all__ = [
@@ -218,17 +218,10 @@ class Segmenter:
         meta = parser.get("_meta_")
         self.name = self.root.name.split("_v")[0]  # a pulled bundle's folder is NAME_vVERSION
         self.version = str(meta.get("version", "0"))
-        outputs = meta.get("network_data_format", {}).get("post_processed_outputs", {}).get("pred", {})
-        channels = outputs.get("channel_def") or meta["network_data_format"]["outputs"]["pred"]["channel_def"]
-        self.label_names = {int(k): str(v) for k, v in channels.items() if int(k) > 0}
-        # the modality the bundle segments (its metadata's input): a DICOM series of another is refused
-        image = meta.get("network_data_format", {}).get("inputs", {}).get("image", {})
-        self.modalities = (str(image.get("modality") or "MR").upper(),)
-        # the DICOM SEG codes of the bundle's labels key (configs before it existed have none: coded by name)
-        labels = parser.get("labels")
-        self.label_codes = (
-            {v: (lab.code, lab.category) for v, lab in parse_labels(labels).items() if v > 0} if labels else {}
-        )
+        # label names, their DICOM SEG codes (configs without a labels key are coded by name) and the modality the
+        # bundle segments (a DICOM series of another is refused)
+        task = read_task(self.root)
+        self.label_names, self.label_codes, self.modalities = task.names, task.codes, (task.modality,)
         self.progress = progress
         self.workdir = Path(tempfile.mkdtemp(prefix="medssl-segment-"))
         settings = {
