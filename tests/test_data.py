@@ -215,3 +215,32 @@ def test_infinite_sampler_set_start_continues_the_stream():
         assert list(itertools.islice(iter(s), 20 - start)) == full[start:]
     with pytest.raises(ValueError, match="position must be >= 0"):
         InfiniteSampler(5).set_start(-1)
+
+
+def test_dev_split_downsample_keeps_every_class(tmp_path):
+    """--downsample 2 takes each 2x2x2 block's most frequent label (it binarised multi-class maps before): three
+    classes survive, a tie goes to the higher value (a binary half-foreground block stays foreground, as before)."""
+    from medssl.data import _block_mode, write_dev_split, write_nifti
+
+    blocks = np.zeros((4, 2, 2), np.uint8)
+    blocks[0:2] = 3  # block 0: all 3
+    blocks[2:4, 0, :] = 2  # block 1: four 2s, four 0s -> tie -> 2
+    blocks[3, 1, 1] = 1  # block 1 now: four 2s, three 0s, one 1 -> 2
+    np.testing.assert_array_equal(_block_mode(blocks, 2)[:, 0, 0], [3, 2])
+    binary = np.zeros((2, 2, 2), np.uint8)
+    binary[0] = 1  # half foreground: foreground, as mean >= 0.5 gave
+    assert _block_mode(binary, 2).item() == 1
+    rng = np.random.default_rng(0)
+    label = np.repeat(np.repeat(np.repeat(rng.integers(0, 4, (4, 4, 3)), 2, 0), 2, 1), 2, 2).astype(np.uint8)
+    for sub in ("imagesTr", "labelsTr"):
+        (tmp_path / "d" / sub).mkdir(parents=True)
+    entries = []
+    for i in range(3):
+        write_nifti(rng.random(label.shape).astype(np.float32), np.eye(4), tmp_path / "d" / "imagesTr" / f"c{i}.nii.gz")
+        write_nifti(label, np.eye(4), tmp_path / "d" / "labelsTr" / f"c{i}.nii.gz", dtype=np.uint8)
+        entries.append({"image": f"imagesTr/c{i}.nii.gz", "label": f"labelsTr/c{i}.nii.gz"})
+    (tmp_path / "d" / "dataset.json").write_text(json.dumps({"training": entries}))
+    out = write_dev_split(tmp_path / "d", tmp_path / "split", num_train=2, downsample=2)
+    small = nib.load(out / "labelsTr" / "c0.nii.gz")
+    np.testing.assert_array_equal(np.asarray(small.dataobj), label[::2, ::2, ::2])
+    assert small.get_data_dtype() == np.uint8 and small.header.get_zooms() == (2.0, 2.0, 2.0)

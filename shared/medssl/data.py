@@ -531,7 +531,8 @@ def write_dev_split(
 
     With ``downsample=1`` only ``out/dataset.json`` is written, pointing at the original files (absolute paths;
     nothing copied). With ``downsample=k > 1`` every volume is resampled by ``1/k`` per axis into ``out/imagesTr``,
-    ``out/labelsTr`` (images: mean of each ``k^3`` block; labels: majority; the affine's spacing times ``k``) for
+    ``out/labelsTr`` (images: mean of each ``k^3`` block; labels: the most frequent value of the block, any number of
+classes; the affine's spacing times ``k``) for
     CPU-sized protocols. Files already written are kept (safe to re-run); dataset.json is written last.
 
     Raises:
@@ -561,8 +562,7 @@ def write_dev_split(
                 except Exception as err:  # voxels cut short or not matching the header: name the file
                     reason = " ".join(f"{type(err).__name__}: {err}".split())
                     raise DataError(f"{e[key]}: not a readable NIfTI volume ({reason}).") from err
-                small = _block_mean(arr, k)
-                small = (small >= 0.5).astype(np.uint8) if key == "label" else small.astype(np.float32)
+                small = _block_mode(arr, k) if key == "label" else _block_mean(arr, k).astype(np.float32)
                 affine = img.affine.copy()
                 affine[:3, :3] = affine[:3, :3] * k
                 affine[:3, 3] = img.affine[:3, :3] @ np.full(3, (k - 1) / 2.0) + img.affine[:3, 3]
@@ -579,6 +579,17 @@ def write_dev_split(
     }
     write_json(split, out / DATASET_JSON)
     return out
+
+
+def _block_mode(labels: np.ndarray, k: int) -> np.ndarray:
+    """The most frequent label of each ``k x k x k`` block (ties go to the higher label value, so a binary block half
+    foreground stays foreground, as ``mean >= 0.5`` had it); any number of classes."""
+    s = [d // k for d in labels.shape]
+    a = np.rint(labels[: s[0] * k, : s[1] * k, : s[2] * k]).astype(np.int64)
+    blocks = a.reshape(s[0], k, s[1], k, s[2], k).transpose(0, 2, 4, 1, 3, 5).reshape(*s, k**3)
+    values = np.unique(a)
+    counts = np.stack([(blocks == v).sum(axis=-1) for v in values[::-1]], axis=-1)  # highest value first
+    return values[::-1][np.argmax(counts, axis=-1)].astype(np.uint8)
 
 
 def _block_mean(arr: np.ndarray, k: int) -> np.ndarray:
