@@ -24,13 +24,19 @@ os.environ.setdefault("MEDSSL_RUNTIME", "torch")
 
 def _need(path: Path) -> Path:
     if not path.exists():
-        pytest.skip(f"{path} not found: real LA data / schema live in ../shared (or set MEDSSL_SHARED_DIR)")
+        pytest.skip(f"{path} not found: the real data (LA, ACDC) and schema live in ../shared (or MEDSSL_SHARED_DIR)")
     return path
 
 
 @pytest.fixture(scope="session")
 def la_dir() -> Path:
     return _need(LA_DIR / "dataset.json").parent
+
+
+@pytest.fixture(scope="session")
+def acdc_dir() -> Path:
+    """ACDC as SSL4MIS splits it (../shared/data/acdc: 70 training patients, 10 validation patients)."""
+    return _need(SHARED_DIR / "data" / "acdc" / "dataset.json").parent
 
 
 @pytest.fixture(scope="session")

@@ -276,3 +276,70 @@ def test_benchmark_amp_false_runs_every_step_in_fp32(tmp_path):
         cmd + ["--steps", "train,fit"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     assert bad.returncode != 0 and "steps: expected some of ['pretrain', 'train', 'evaluate'], got" in bad.stdout
+
+
+def test_acdc_plan_patient_budgets_and_own_split(acdc_dir, tmp_path):
+    """ACDC: the dataset's own lists (70 training patients; its 20 validation frames as the test set), budgets in
+    patients (3 patients = their 6 ED/ES frames), the three coded cardiac labels, distances in voxels."""
+    from medssl.data import write_dev_split
+    from medssl.lab.benchmark_plan import ACDC_LABELS, patient_budgets
+
+    split = write_dev_split(acdc_dir, tmp_path / "split", num_train=None)
+    d = json.loads((split / "dataset.json").read_text())
+    assert len(d["training"]) == 140 and len(d["test"]) == 20 and d["labels"]["2"] == "myocardium"
+    assert d["training"][0]["patient"] == "patient099" and "its 'validation' list" in d["description"]
+    frames = patient_budgets(d["training"], [3, 7, 70])
+    assert frames == {3: 6, 7: 14, 70: 140}
+    assert len({e["patient"] for e in d["training"][:6]}) == 3
+    prof = PROFILES["acdc_cpu"]
+    runs = plan_runs(prof, ["supervised", "cvrl"], [3, 7], 70, split, tmp_path, num_labeled=frames)
+    train, evaluate = (s["overrides"] for s in runs[0]["steps"])
+    assert runs[0]["name"] == "supervised-3" and train["num_labeled"] == 6 and train["labels"] == ACDC_LABELS
+    assert train["patch_size"] == [128, 128, 16] and train["pad_small_volumes"] is True
+    assert evaluate["labels"] == ACDC_LABELS and evaluate["distance_unit"] == "voxel"
+    assert evaluate["spacing"] == [1.0, 1.0, 1.0] and evaluate["pad_small_volumes"] is True
+    assert runs[-1]["name"] == "supervised-70" and runs[-1]["steps"][0]["overrides"]["num_labeled"] == 140
+    assert [ACDC_LABELS[k]["code"][0] for k in "123"] == ["53085002", "74281007", "87878005"]
+    scattered = [{"patient": p} for p in ("a", "b", "a")]
+    with pytest.raises(ValueError, match="patient 'a' are not next to each other"):
+        patient_budgets(scattered, [1])
+    with pytest.raises(ValueError, match="a budget of 3 patients; the list has 2"):
+        patient_budgets([{"patient": "a"}, {"patient": "b"}], [3])
+
+
+def test_acdc_smoke_run_reports_per_class(acdc_dir, tmp_path):
+    """A real ACDC subset (4 training patients, 2 validation frames) through the benchmark command at smoke size:
+    1 labeled patient = its 2 frames, the dataset's own label names, a per-class table and plot."""
+    source = json.loads((acdc_dir / "dataset.json").read_text())
+    absolute = lambda e: {**e, "image": str(acdc_dir / e["image"]), "label": str(acdc_dir / e["label"])}  # noqa: E731
+    subset = {
+        "labels": source["labels"],
+        "training": [absolute(e) for e in source["training"][:8]],
+        "validation": [absolute(e) for e in source["validation"][:2]],
+    }
+    (tmp_path / "acdc").mkdir()
+    (tmp_path / "acdc" / "dataset.json").write_text(json.dumps(subset))
+    out = tmp_path / "results"
+    overrides = {"patch_size": [64, 64, 16], "spacing": [1.0, 1.0, 1.0], "pad_small_volumes": True}
+    proc = subprocess.run(
+        [sys.executable, "-m", "medssl", "benchmark", "--profile", "smoke", "--dataset_dir", str(tmp_path / "acdc"),
+         "--out", str(out), "--labels", "1", "--methods", "supervised", "--upper_bound", "false",
+         "--overrides", json.dumps(overrides)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=1200,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    results = json.loads((out / "results.json").read_text())
+    (run,) = results["runs"]
+    assert run["name"] == "supervised-1" and run["overrides"]["train"]["num_labeled"] == 2
+    expected = [Path(e["image"]).name[: -len(".nii.gz")] for e in subset["validation"]]
+    assert [c["case"] for c in run["cases"]] == expected
+    summary = run["summary"]
+    for name in ("right_ventricle", "myocardium", "left_ventricle"):
+        assert f"dice_{name}" in summary and f"hd95_{name}" in summary  # voxels: the ACDC tables' unit
+    per_class = np.mean([summary[f"dice_{n}"]["mean"] for n in ("right_ventricle", "myocardium", "left_ventricle")])
+    assert summary["dice"]["mean"] == pytest.approx(per_class, abs=2e-6)  # the mean over classes (CSV: 6 decimals)
+    table = (out / "results.md").read_text()
+    head = "| method | labeled | right ventricle Dice % | myocardium Dice % | left ventricle Dice % | mean Dice % |"
+    assert head in table
+    assert results["budget_unit"] == "patients"
+    assert (out / "dice_per_class.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -100,12 +100,15 @@ def benchmark(
     parallel: int = 1,
     steps: str = "pretrain,train,evaluate",
     overrides=None,
+    num_train: int = None,
 ) -> str:
     """Label-efficiency benchmark: each method at each label count vs the supervised baseline (see
     medssl.lab.benchmark); writes results.json, results.md and PNG plots under ``out``; re-run to resume.
     ``--iterations N`` shortens every training (lr step scaled), ``--parallel K`` trains K runs side by side,
     ``--steps pretrain,train`` stops before evaluating (evaluate later, elsewhere, with the default),
-    ``--overrides '{"patch_size": [32, 32, 32]}'`` adds bundle overrides to every training and evaluation."""
+    ``--overrides '{"patch_size": [32, 32, 32]}'`` adds bundle overrides to every training and evaluation,
+    ``--num_train N`` tests on a dev split (the first N training cases train) instead of the profile's split (LA:
+    60; ACDC: its own lists; ``--profile acdc_cpu --labels 3,7`` counts patients)."""
     from medssl.lab.benchmark import benchmark as _benchmark
 
     labels = [int(x) for x in str(labels).strip("()[]").split(",") if x.strip()] if labels is not None else None
@@ -124,6 +127,7 @@ def benchmark(
         parallel=int(parallel),
         steps=[k.strip() for k in (steps.split(",") if isinstance(steps, str) else steps) if k.strip()],
         overrides=_json_object(overrides, "overrides") if isinstance(overrides, str) else overrides,
+        num_train=None if num_train is None else int(num_train),
     )
     return str(Path(out) / "results.md")
 

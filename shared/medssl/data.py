@@ -523,62 +523,81 @@ class InfiniteSampler(torch.utils.data.Sampler):
 
 
 def write_dev_split(
-    dataset_dir: os.PathLike | str, out: os.PathLike | str, num_train: int = 60, downsample: int = 1
+    dataset_dir: os.PathLike | str, out: os.PathLike | str, num_train: Optional[int] = 60, downsample: int = 1
 ) -> Path:
-    """Write the development split of the LA data: training = the first ``num_train`` ``"training"`` entries (the
-    first ``num_labeled`` of them are the labeled ones), test = the rest, which no training sees, not even as
-    unlabeled data (DESIGN.md: cases 1-60 / 61-80 of train.list).
+    """Write a benchmark split of a dataset: with ``num_train``, the development split (training = the first
+    ``num_train`` ``"training"`` entries, the first ``num_labeled`` of them the labeled ones; test = the rest, which no
+    training sees, not even as unlabeled data; DESIGN.md: LA cases 1-60 / 61-80 of train.list); with ``num_train=None``,
+    the dataset's own lists (training = its ``"training"``, test = its ``"test"``, else its ``"validation"``: ACDC's
+    SSL4MIS split). Entries keep their ``patient`` key (label budgets in patients).
 
     With ``downsample=1`` only ``out/dataset.json`` is written, pointing at the original files (absolute paths;
     nothing copied). With ``downsample=k > 1`` every volume is resampled by ``1/k`` per axis into ``out/imagesTr``,
     ``out/labelsTr`` (images: mean of each ``k^3`` block; labels: the most frequent value of the block, any number of
-classes; the affine's spacing times ``k``) for
-    CPU-sized protocols. Files already written are kept (safe to re-run); dataset.json is written last.
+    classes; the affine's spacing times ``k``) for CPU-sized protocols. Files already written are kept (safe to
+    re-run); dataset.json is written last.
 
     Raises:
-        DataError: bad datalist, or ``num_train`` leaves no test case.
+        DataError: bad datalist, ``num_train`` leaves no test case, or ``num_train=None`` and the dataset has no test
+            or validation list.
     """
     datalist = load_datalist(dataset_dir)
     training = datalist["training"]
-    if not 0 < int(num_train) < len(training):
-        raise DataError(f"num_train={num_train} must leave test cases: {dataset_dir} has {len(training)} entries.")
-    _require_files(training, ("image", "label"), f"{Path(dataset_dir) / DATASET_JSON}: training")
+    source = Path(dataset_dir) / DATASET_JSON
+    if num_train is None:
+        own = next((k for k in ("test", "validation") if datalist.get(k)), None)
+        if own is None:
+            raise DataError(f"{source}: no 'test' or 'validation' list to test on; give num_train (a dev split).")
+        parts = {"training": training, "test": datalist[own]}
+        what = f"training = the 'training' list of {source.resolve()}, test = its {own!r} list"
+    else:
+        if not 0 < int(num_train) < len(training):
+            raise DataError(f"num_train={num_train} must leave test cases: {dataset_dir} has {len(training)} entries.")
+        parts = {"training": training[: int(num_train)], "test": training[int(num_train) :]}
+        rest = len(training) - int(num_train)
+        what = f"training = the first {num_train} cases of {source.resolve()}, test = the other {rest}"
+    for key, entries in parts.items():
+        _require_files(entries, ("image", "label"), f"{source}: {'training' if num_train else key}")
     out = Path(out)
     k = int(downsample)
     if k < 1:
         raise ValueError(f"downsample must be a positive integer, got {downsample}.")
-    entries = []
-    for e in training:
-        if k == 1:
-            entries.append({"image": str(Path(e["image"]).resolve()), "label": str(Path(e["label"]).resolve())})
-            continue
-        entry = {}
-        for key, folder in (("image", "imagesTr"), ("label", "labelsTr")):
-            target = out / folder / Path(e[key]).name
-            if not target.is_file():
-                img = _load_header(e[key])
-                try:
-                    arr = np.asanyarray(img.dataobj, dtype=np.float32)
-                except Exception as err:  # voxels cut short or not matching the header: name the file
-                    reason = " ".join(f"{type(err).__name__}: {err}".split())
-                    raise DataError(f"{e[key]}: not a readable NIfTI volume ({reason}).") from err
-                small = _block_mode(arr, k) if key == "label" else _block_mean(arr, k).astype(np.float32)
-                affine = img.affine.copy()
-                affine[:3, :3] = affine[:3, :3] * k
-                affine[:3, 3] = img.affine[:3, :3] @ np.full(3, (k - 1) / 2.0) + img.affine[:3, 3]
-                write_nifti(small, affine, target)
-            entry[key] = f"{folder}/{target.name}"
-        entries.append(entry)
+    split = {}
+    for part, entries in parts.items():
+        split[part] = [_split_entry(e, out, k) for e in entries]
     name = datalist.get("name", Path(dataset_dir).name)
-    split = {
-        "name": f"{name} (dev split{'' if k == 1 else f', downsampled x{k}'})",
-        "description": f"training = the first {num_train} cases of {Path(dataset_dir).resolve() / DATASET_JSON}, "
-        f"test = the other {len(training) - num_train}; written by medssl.data.write_dev_split.",
-        "training": entries[:num_train],
-        "test": entries[num_train:],
+    result = {
+        "name": f"{name} ({'dev split' if num_train else 'its own split'}{'' if k == 1 else f', downsampled x{k}'})",
+        "description": f"{what}; written by medssl.data.write_dev_split.",
+        **{key: datalist[key] for key in ("labels", "modality") if key in datalist},
+        **split,
     }
-    write_json(split, out / DATASET_JSON)
+    write_json(result, out / DATASET_JSON)
     return out
+
+
+def _split_entry(e: Dict[str, Any], out: Path, k: int) -> Dict[str, Any]:
+    """A split's entry: absolute paths (``k == 1``) or the ``1/k`` copies written under ``out``; ``patient`` kept."""
+    extra = {"patient": e["patient"]} if "patient" in e else {}
+    if k == 1:
+        return {"image": str(Path(e["image"]).resolve()), "label": str(Path(e["label"]).resolve()), **extra}
+    entry = {}
+    for key, folder in (("image", "imagesTr"), ("label", "labelsTr")):
+        target = out / folder / Path(e[key]).name
+        if not target.is_file():
+            img = _load_header(e[key])
+            try:
+                arr = np.asanyarray(img.dataobj, dtype=np.float32)
+            except Exception as err:  # voxels cut short or not matching the header: name the file
+                reason = " ".join(f"{type(err).__name__}: {err}".split())
+                raise DataError(f"{e[key]}: not a readable NIfTI volume ({reason}).") from err
+            small = _block_mode(arr, k) if key == "label" else _block_mean(arr, k).astype(np.float32)
+            affine = img.affine.copy()
+            affine[:3, :3] = affine[:3, :3] * k
+            affine[:3, 3] = img.affine[:3, :3] @ np.full(3, (k - 1) / 2.0) + img.affine[:3, 3]
+            write_nifti(small, affine, target)
+        entry[key] = f"{folder}/{target.name}"
+    return {**entry, **extra}
 
 
 def _block_mode(labels: np.ndarray, k: int) -> np.ndarray:

@@ -41,6 +41,7 @@ from medssl.lab.benchmark_plan import (  # part of this module's API, as before
     SWEEP_METHODS,
     Profile,
     override_args,
+    patient_budgets,
     plan_runs,
     scaled_lr_step,
 )
@@ -116,15 +117,17 @@ def benchmark(
     parallel: int = 1,
     steps: Sequence[str] = STEP_KINDS,
     overrides: Optional[Dict[str, Any]] = None,
+    num_train: Optional[int] = None,
 ) -> Dict[str, Any]:
     """Run (or resume) a benchmark and write ``results.json``, ``results.md`` and the plots under ``out``.
 
     Args:
-        dataset_dir: LA data (dataset.json with the 80 training cases); for ``smoke`` it may be None, then the
-            synthetic sample set is used.
-        profile: ``smoke``, ``cpu`` or ``paper`` (see :data:`PROFILES`).
+        dataset_dir: the data (LA: dataset.json with the 80 training cases; ACDC: its SSL4MIS lists); for ``smoke``
+            it may be None, then the synthetic sample set is used.
+        profile: ``smoke``, ``cpu``, ``paper`` (LA), ``acdc_cpu``, ``acdc_gpu`` (see :data:`PROFILES`).
         out: output folder (``data/``, ``runs/<method>-<labels>/``, reports).
-        labels: labeled counts (default: the profile's).
+        labels: label budgets (default: the profile's): labeled cases, or patients where the training entries name
+            their ``patient`` (ACDC: 3 patients = their 6 frames).
         methods: methods to run (see :data:`METHODS`).
         upper_bound: also train the supervised baseline with every training case labeled.
         amp: mixed precision where the device has it (the bundles' default); False trains and evaluates in fp32.
@@ -140,6 +143,9 @@ def benchmark(
             leaves ``<kind>.done.json`` in its run's folder and is not run again).
         overrides: bundle overrides for every training and evaluation step on top of the profile's (e.g.
             ``{"patch_size": [32, 32, 32], "sw_stride": [16, 16, 16]}`` to smoke-test a GPU profile on a CPU).
+        num_train: a dev split of the first ``num_train`` training cases (the rest test) instead of the profile's
+            split (LA: 60; ACDC: the dataset's own lists). The task's ``labels`` come from the profile, else from the
+            dataset.json's ``labels``.
 
     Raises:
         ValueError: unknown profile, method or step kind, a label count larger than the training set, or
@@ -185,15 +191,22 @@ def benchmark(
 
         sample_data(data_dir, num_cases=8, shape=(48, 48, 32), num_test=2)
     else:
-        num_train = prof.num_train or max(1, len(load_datalist(dataset_dir)["training"]) - 2)
-        write_dev_split(dataset_dir, data_dir, num_train=num_train, downsample=prof.downsample)
-    n_train = len(load_datalist(data_dir)["training"])
+        source = load_datalist(dataset_dir)
+        own_lists = any(source.get(k) for k in ("test", "validation"))
+        split = num_train or prof.num_train or (None if own_lists else max(1, len(source["training"]) - 2))
+        write_dev_split(dataset_dir, data_dir, num_train=split, downsample=prof.downsample)
+        if "labels" not in prof.train and isinstance(source.get("labels"), dict):  # the dataset's own label set
+            prof = replace(prof, train={**prof.train, "labels": source["labels"]})
+    training = load_datalist(data_dir)["training"]
+    named = all("patient" in e for e in training)
+    patients = list(dict.fromkeys(e["patient"] for e in training)) if named else None
+    n_train = len(patients) if patients else len(training)
+    unit = "patients" if patients else "training cases"
     labels = [int(n) for n in (labels or prof.labels)]
     if any(not 0 < n < n_train for n in labels):
-        raise ValueError(
-            f"labels {labels} must be between 1 and {n_train - 1} (the split has {n_train} training cases)."
-        )
-    runs = plan_runs(prof, list(methods), labels, n_train if upper_bound else None, data_dir, out, seeds)
+        raise ValueError(f"labels {labels} must be between 1 and {n_train - 1} (the split has {n_train} {unit}).")
+    frames = patient_budgets(training, labels + [n_train], str(data_dir / "dataset.json"))
+    runs = plan_runs(prof, list(methods), labels, n_train if upper_bound else None, data_dir, out, seeds, frames)
     # the pre-trainings first (the runs that start from them need their weights), then the rest, `parallel` at a time
     failures = []
     for group in ([r for r in runs if r["labels"] == 0], [r for r in runs if r["labels"] != 0]):
@@ -204,7 +217,7 @@ def benchmark(
                 failures.append(f"{run['name']}: {future.exception()}")
         if failures:
             break
-    results = summarise(runs, prof)
+    results = {**summarise(runs, prof), "budget_unit": "patients" if patients else "volumes"}
     write_report(results, out)
     if failures:
         raise RuntimeError("benchmark runs failed (the report holds the others):\n" + "\n".join(failures))

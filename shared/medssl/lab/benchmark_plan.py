@@ -18,6 +18,9 @@ __all__ = [
     "STEP_KINDS",
     "BUNDLE_SEED",
     "scaled_lr_step",
+    "ACDC_LABELS",
+    "EVALUATE_KEYS",
+    "patient_budgets",
     "Profile",
     "override_args",
     "plan_runs",
@@ -30,8 +33,10 @@ class Profile:
 
     name: str
     description: str
-    labels: Sequence[int]
-    num_train: Optional[int]  # dev split: the first num_train cases train, the rest test (None: sample data)
+    labels: Sequence[int]  # label budgets: cases, or patients where the entries name their patient
+    # dev split: the first num_train cases train, the rest test; None: the dataset's own test (or validation) list
+    # where it has one (ACDC), else all but two cases train (the synthetic sample data)
+    num_train: Optional[int]
     downsample: int
     train: Dict[str, Any]
     pretrain: Dict[str, Any]
@@ -44,6 +49,14 @@ def scaled_lr_step(iterations: int) -> int:
     """The iteration of the x0.1 learning-rate step for a run of ``iterations``: the paper's 2500 of 6000, scaled."""
     return max(1, iterations * 2500 // 6000)  # the paper's x0.1 at 2500 of 6000 iterations, scaled
 
+
+# ACDC's three cardiac structures, SNOMED CT coded for the DICOM SEG (DICOM CID 7151)
+ACDC_LABELS = {
+    "0": "background",
+    "1": {"name": "right ventricle", "code": ["53085002", "SCT", "Right ventricle"]},
+    "2": {"name": "myocardium", "code": ["74281007", "SCT", "Myocardium"]},
+    "3": {"name": "left ventricle", "code": ["87878005", "SCT", "Left ventricle"]},
+}
 
 PROFILES: Dict[str, Profile] = {
     "smoke": Profile(
@@ -96,6 +109,60 @@ PROFILES: Dict[str, Profile] = {
         # each pre-training with its own optimiser (SGD for PCRL, AdamW for SparK), the same iterations x batch
         pretrain_extra={"pcrl_pretrain": {"learning_rate": 0.01}},
     ),
+    "acdc_cpu": Profile(
+        name="acdc_cpu",
+        description="ACDC on 2 CPU cores: the SSL4MIS split (70 training patients, the 20 validation frames as the "
+        "test set), budgets in patients (their ED and ES frames), the three cardiac labels; voxel units (the public "
+        "release has no spacing), patch 128x128x16 with stacks of fewer slices padded (the VNet sees whole 6-16 "
+        "slice stacks), 1000 iterations (lr x0.1 at 416), pre-training 600 iterations of batch 4",
+        labels=(3, 7),
+        num_train=None,
+        downsample=1,
+        train={
+            "labels": ACDC_LABELS,
+            "spacing": [1.0, 1.0, 1.0],
+            "patch_size": [128, 128, 16],
+            "pad_small_volumes": True,
+            "max_iterations": 1000,
+            "lr_step": scaled_lr_step(1000),
+            "save_interval": 250,
+            "sw_batch_size": 4,
+        },
+        pretrain={
+            "spacing": [1.0, 1.0, 1.0],
+            "patch_size": [128, 128, 16],
+            "pad_small_volumes": True,
+            "max_iterations": 600,
+            "batch_size": 4,
+            "save_interval": 100,
+        },
+        pretrain_extra={"pcrl_pretrain": {"learning_rate": 0.01}},
+    ),
+    "acdc_gpu": Profile(
+        name="acdc_gpu",
+        description="ACDC on a GPU: the SSL4MIS split, budgets in patients, patch 224x224x16 (fewer slices padded), "
+        "6000 iterations, lr x0.1 every 2500; pre-training 6000 iterations of batch 16",
+        labels=(3, 7),
+        num_train=None,
+        downsample=1,
+        train={
+            "labels": ACDC_LABELS,
+            "spacing": [1.0, 1.0, 1.0],
+            "patch_size": [224, 224, 16],
+            "pad_small_volumes": True,
+            "max_iterations": 6000,
+            "lr_step": 2500,
+            "save_interval": 500,
+        },
+        pretrain={
+            "spacing": [1.0, 1.0, 1.0],
+            "patch_size": [224, 224, 16],
+            "pad_small_volumes": True,
+            "max_iterations": 6000,
+            "batch_size": 16,
+            "save_interval": 500,
+        },
+    ),
     "paper": Profile(
         name="paper",
         description="the LA protocol of METHODS.md (GPU): full resolution, patch 112x112x80, 6000 iterations, "
@@ -128,6 +195,36 @@ STEP_KINDS = ("pretrain", "train", "evaluate")
 BUNDLE_SEED = 1337  # the "seed" of every bundle's train.json; seed k > 1 of a benchmark run uses BUNDLE_SEED + k - 1
 
 
+# the training overrides that evaluation needs too (the grid, the window, the task)
+EVALUATE_KEYS = ("patch_size", "spacing", "sw_batch_size", "num_workers", "labels", "intensity", "pad_small_volumes")
+
+
+def patient_budgets(
+    training: Sequence[Dict[str, Any]], budgets: Sequence[int], source: str = "training"
+) -> Dict[int, int]:
+    """Budgets in patients -> labeled entries: the first ``k`` patients' frames (ACDC: a patient's ED and ES frames
+    stay together). Entries without a ``patient`` key count one each (budget = cases).
+
+    Raises:
+        ValueError: a patient's entries are not next to each other (the labeled prefix would split a patient), or a
+            budget is not below the number of patients.
+    """
+    patients = [e.get("patient") for e in training]
+    if any(p is None for p in patients):
+        return {int(k): int(k) for k in budgets}
+    order = list(dict.fromkeys(patients))
+    for p in order:
+        first, last = patients.index(p), len(patients) - 1 - patients[::-1].index(p)
+        if patients[first : last + 1] != [p] * (last - first + 1):
+            raise ValueError(f"{source}: the entries of patient {p!r} are not next to each other ({first}-{last}).")
+    frames = {}
+    for k in budgets:
+        if not 0 < int(k) <= len(order):
+            raise ValueError(f"{source}: a budget of {k} patients; the list has {len(order)}.")
+        frames[int(k)] = sum(patients.count(p) for p in order[: int(k)])
+    return frames
+
+
 def override_args(overrides: Dict[str, Any]) -> List[str]:
     """``python -m monai.bundle run`` arguments for config overrides (lists, dicts and booleans as JSON)."""
     out = []
@@ -144,11 +241,13 @@ def plan_runs(
     data_dir: Path,
     out: Path,
     seeds: int = 1,
+    num_labeled: Optional[Dict[int, int]] = None,
 ) -> List[Dict[str, Any]]:
     """The runs of a benchmark: ``[{"name", "method", "labels", "bundle", "dir", "steps": [...]}]`` where each step
     is ``{"kind": "pretrain"|"train"|"evaluate", "config": [...], "overrides": {...}}``. The PCRL pre-training is
     one shared run per pre-training bundle (``pcrl_pretrain``, ``spark_pretrain``) that the ``pcrl+*`` / ``spark+*``
-    runs start from."""
+    runs start from. ``num_labeled`` maps a budget of ``labels`` (and ``upper_bound``) to the bundles' labeled
+    count where they differ (budgets in patients, each with several frames; see :func:`patient_budgets`)."""
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {sorted(METHODS)}.")
@@ -181,7 +280,12 @@ def plan_runs(
         bundle, pretrained = METHODS[method]
         suffix = f"-seed{seed}" if seed > 1 else ""
         d = out / "runs" / f"{method.replace('+', '_')}-{n}{suffix}"
-        train = {"dataset_dir": str(data_dir), "bundle_root": str(d), "num_labeled": n, **profile.train}
+        train = {
+            "dataset_dir": str(data_dir),
+            "bundle_root": str(d),
+            "num_labeled": (num_labeled or {}).get(n, n),
+            **profile.train,
+        }
         if seed > 1:
             train["seed"] = BUNDLE_SEED + seed - 1
         if pretrained:
@@ -190,9 +294,7 @@ def plan_runs(
             "dataset_dir": str(data_dir),
             "bundle_root": str(d),
             "distance_unit": "voxel",  # the LA tables of the literature (medpy on the voxel grid)
-            **{
-                k: v for k, v in profile.train.items() if k in ("patch_size", "spacing", "sw_batch_size", "num_workers")
-            },
+            **{k: v for k, v in profile.train.items() if k in EVALUATE_KEYS},
             **profile.evaluate,
         }
         runs.append(

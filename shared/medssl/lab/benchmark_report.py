@@ -14,9 +14,17 @@ from typing import Any, Dict, List
 import numpy as np
 
 from medssl.data import atomic_path, write_json
-from medssl.lab.benchmark_plan import METHODS, METRICS, Profile
+from medssl.lab.benchmark_plan import METHODS, Profile
 
-__all__ = ["parse_training_log", "summarise", "write_report", "pool_seeds", "paired_comparisons"]
+__all__ = [
+    "parse_training_log",
+    "summarise",
+    "write_report",
+    "pool_seeds",
+    "paired_comparisons",
+    "per_class_table",
+    "class_names",
+]
 
 
 def _read_metrics(path: Path) -> Dict[str, Any]:
@@ -25,8 +33,8 @@ def _read_metrics(path: Path) -> Dict[str, Any]:
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     cases = [r for r in rows if r["case"] not in ("mean", "std", "n_nan")]
-    names = METRICS + tuple(f"{m}_lcc" for m in METRICS)  # the bundles' evaluate also scores the largest component
-    per_metric = {m: np.array([float(r[m]) for r in cases]) for m in names if cases and m in cases[0]}
+    # every column: the metrics, their largest-component twins, and with several classes one column per class
+    per_metric = {m: np.array([float(r[m]) for r in cases]) for m in (cases[0] if cases else ()) if m != "case"}
     with np.errstate(all="ignore"):
         summary = {
             m: {"mean": float(np.nanmean(v)), "std": float(np.nanstd(v)), "n_nan": int(np.isnan(v).sum())}
@@ -140,6 +148,7 @@ def write_report(results: Dict[str, Any], out: Path) -> None:
                 f"{pre['method']} pre-training: {pre['seconds'].get('pretrain', 0) / 60:.1f} min "
                 f"({pre['seconds_per_iteration'] or 0:.2f} s / iteration).",
             ]
+    lines += per_class_table(runs)
     lines += paired_comparisons(runs)
     env = results["environment"]
     lines += [
@@ -158,6 +167,37 @@ def write_report(results: Dict[str, Any], out: Path) -> None:
     with atomic_path(out / "results.md") as tmp:
         tmp.write_text("\n".join(lines))
     _plot(results, out)
+
+
+def class_names(summary: Dict[str, Any]) -> List[str]:
+    """The class suffixes of a run's per-class Dice columns (``dice_<class>``, as MetricsTable names them), in
+    column order; empty for a single class."""
+    return [k[len("dice_") :] for k in summary if k.startswith("dice_") and not k.startswith("dice_lcc")]
+
+
+def per_class_table(runs: List[Dict[str, Any]]) -> List[str]:
+    """Markdown lines: per run, each class's Dice % and 95HD (mean ± std over the test cases), then the mean over
+    the classes; empty when the runs have a single class."""
+    runs = [r for r in runs if "summary" in r and class_names(r["summary"])]
+    if not runs:
+        return []
+    names = class_names(runs[0]["summary"])
+    hd = "hd95_mm" if any(k.startswith("hd95_mm") for k in runs[0]["summary"]) else "hd95"
+    unit = "mm" if hd == "hd95_mm" else "vox"
+    pretty = [n.replace("_", " ") for n in names]
+    head = [f"{n} Dice %" for n in pretty] + ["mean Dice %"] + [f"{n} 95HD ({unit})" for n in pretty]
+    lines = ["", "Per class (mean ± std over the test cases):", "", "| method | labeled | " + " | ".join(head) + " |"]
+    lines.append("|---|---|" + "---|" * len(head))
+    for r in sorted(runs, key=lambda r: (r["labels"], r["method"], r.get("seed", 1))):
+        s = r["summary"]
+
+        def cell(key: str, scale: float) -> str:
+            return f"{scale * s[key]['mean']:.2f} ± {scale * s[key]['std']:.2f}" if key in s else "-"
+
+        cells = [cell(f"dice_{n}", 100) for n in names] + [cell("dice", 100)]
+        cells += [cell(f"{hd}_{n}", 1) for n in names]
+        lines.append(f"| {_label(r)} | {r['labels']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _label(run: Dict[str, Any]) -> str:
@@ -278,7 +318,7 @@ def _plot(results: Dict[str, Any], out: Path) -> None:
         ax.axhline(100 * upper[0]["summary"]["dice"]["mean"], ls="--", c="gray", label=f"supervised, all {n_max}")
     ax.set_xticks(range(len(xs)), [str(n) for n in xs])
     ax.set_ylim(0, 108)
-    ax.set_xlabel("labeled volumes")
+    ax.set_xlabel(f"labeled {results.get('budget_unit', 'volumes')}")
     ax.set_ylabel("Dice % (test cases)")
     ax.set_title(f"Label efficiency — profile {results['profile']['name']}")
     ax.grid(alpha=0.3, axis="y")
@@ -287,6 +327,7 @@ def _plot(results: Dict[str, Any], out: Path) -> None:
     with atomic_path(out / "dice_vs_labels.png") as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
+    _plot_classes(runs, results, out, plt)
 
     fig, ax = plt.subplots(figsize=(7, 4))
     for r in results["runs"]:
@@ -302,5 +343,33 @@ def _plot(results: Dict[str, Any], out: Path) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     with atomic_path(out / "loss_curves.png") as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def _plot_classes(runs: List[Dict[str, Any]], results: Dict[str, Any], out: Path, plt) -> None:
+    """``dice_per_class.png``: each run's Dice per class (mean ± std over the test cases); nothing for one class."""
+    runs = [r for r in runs if class_names(r.get("summary", {}))]
+    if not runs:
+        return
+    names = class_names(runs[0]["summary"])
+    runs = sorted(runs, key=lambda r: (r["labels"], list(METHODS).index(r["method"]) if r["method"] in METHODS else 99))
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(runs) * len(names)), 4))
+    width = 0.8 / len(names)
+    for j, name in enumerate(names):
+        stats = [r["summary"].get(f"dice_{name}", {"mean": np.nan, "std": 0}) for r in runs]
+        xs = np.arange(len(runs)) - 0.4 + width * (j + 0.5)
+        means = [100 * st["mean"] for st in stats]
+        ax.bar(xs, means, width * 0.9, yerr=[100 * (st["std"] or 0) for st in stats], capsize=3, color=f"C{j}",
+               alpha=0.6, label=name.replace("_", " "))  # fmt: skip
+    ax.set_xticks(range(len(runs)), [f"{r['method']}\n{r['labels']}" for r in runs], fontsize=8)
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("Dice % (test cases)")
+    ax.set_xlabel(f"method, labeled {results.get('budget_unit', 'volumes')}")
+    ax.set_title(f"Dice per class — profile {results['profile']['name']}")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.tight_layout()
+    with atomic_path(out / "dice_per_class.png") as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
