@@ -78,8 +78,9 @@ def test_the_window_on_real_hounsfield_units():
 
 @pytest.fixture(scope="module")
 def trained(module_tmp):
-    """la_seg_finetune trained 6 iterations on the real CT (4 labels, window, modality CT, 2 mm grid) and evaluated;
-    the scan is both the training and the evaluation case (a pipeline check, not a benchmark)."""
+    """la_seg_finetune trained 6 iterations on the real CT (4 labels, window, modality CT, 2 mm grid) into a bare run
+    folder, and evaluated; the scan is both the training and the evaluation case (a pipeline check, not a
+    benchmark)."""
     data = module_tmp("real_ct")
     for sub in ("imagesTr", "labelsTr"):
         (data / sub).mkdir()
@@ -88,15 +89,15 @@ def trained(module_tmp):
     nib.save(nib.Nifti1Image(our_labels(np.asarray(total.dataobj)), total.affine), data / "labelsTr" / "ct.nii.gz")
     case = {"image": "imagesTr/ct.nii.gz", "label": "labelsTr/ct.nii.gz"}
     (data / "dataset.json").write_text(json.dumps({"training": [case], "test": [case]}))
-    root = module_tmp("real_ct_bundle")
-    shutil.copytree(REPO / "bundles" / "la_seg_finetune" / "configs", root / "configs")
+    root = module_tmp("real_ct_bundle")  # a bare run folder: the training gives it the bundle's configs and its task
     args = [
         "--bundle_root", root, "--dataset_dir", data, "--labels", json.dumps(LABELS), "--modality", "CT",
         "--intensity", json.dumps(WINDOW), "--spacing", "[2,2,2]", "--patch_size", "[32,32,32]", "--num_workers", 0,
         "--sw_batch_size", 4, "--num_labeled", 1,
     ]  # fmt: skip
-    bundle_cmd("run", "--config_file", configs("la_seg_finetune", "train"), *args, "--max_iterations", 6,
-               "--batch_size", 2, "--val_interval", 0)  # fmt: skip
+    proc = bundle_cmd("run", "--config_file", configs("la_seg_finetune", "train"), *args, "--max_iterations", 6,
+                      "--batch_size", 2, "--val_interval", 0)  # fmt: skip
+    assert f"copied the configs of la_seg_finetune ({REPO / 'bundles' / 'la_seg_finetune' / 'configs'})" in proc.stdout
     bundle_cmd("run", "--config_file", configs("la_seg_finetune", "train", "evaluate"), *args)
     return root
 

@@ -356,9 +356,14 @@ class TaskRecord:
     describes what it was trained for. Checked when built, so bad ``labels`` or ``intensity`` stop the run before
     training.
 
+    A bare ``bundle_root`` (a run folder of weights and logs, its configs read from the bundle elsewhere) first gets
+    a copy of the ``configs/`` of bundle ``configs_from`` (:func:`medssl.bundle.bundle_path`), so ``segment --bundle
+    RUN_FOLDER`` works on any trained run; without ``configs_from`` such a folder is left alone.
+
     Args:
-        bundle_root: the trained bundle's folder (nothing is written where it has no ``configs/``).
+        bundle_root: the trained bundle's folder.
         labels, spacing, intensity, patch_size, modality: the run's top-level keys.
+        configs_from: the bundle whose configs a bare ``bundle_root`` gets (the bundle's own name in its train.json).
     """
 
     def __init__(
@@ -369,6 +374,7 @@ class TaskRecord:
         intensity: Any = None,
         patch_size: Optional[Sequence[int]] = None,
         modality: Optional[str] = None,
+        configs_from: Optional[str] = None,
     ) -> None:
         from medssl.task import check_intensity, check_modality, parse_labels
 
@@ -376,7 +382,7 @@ class TaskRecord:
         check_intensity(intensity)
         self.modality = None if modality is None else check_modality(modality)
         self.bundle_root, self.labels, self.spacing = bundle_root, labels, spacing
-        self.intensity, self.patch_size = intensity, patch_size
+        self.intensity, self.patch_size, self.configs_from = intensity, patch_size, configs_from
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self.write)
@@ -386,6 +392,22 @@ class TaskRecord:
 
         if not _is_rank0():
             return []
+        configs = os.path.join(self.bundle_root, "configs")
+        if self.configs_from and not os.path.isdir(configs):
+            import shutil
+
+            from medssl.bundle import bundle_path
+
+            try:
+                source = bundle_path(self.configs_from) / "configs"
+            except FileNotFoundError as e:  # the weights are what matters: never fail a finished training for this
+                logger.warning("%s: no configs/ and none to copy (%s); give segment the configs", configs, e)
+                return []
+            tmp = f"{configs}.tmp{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(source, tmp)
+            os.replace(tmp, configs)  # the folder appears whole or not at all
+            logger.info("copied the configs of %s (%s) into %s", self.configs_from, source, configs)
         written = write_task(
             self.bundle_root, self.labels, self.spacing, self.intensity, self.patch_size, self.modality
         )
