@@ -43,7 +43,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict, List
+from typing import Any, Dict, List
 
 import monailabel
 from fastapi import HTTPException
@@ -60,6 +60,7 @@ from monailabel.tasks.activelearning.random import Random
 from monailabel.utils.others.generic import strtobool
 
 from medssl.data import DataError, data_error_message
+from medssl.task import read_task
 from medssl.clinic.label import (
     SEMI_SUPERVISED,
     SERVED_BUNDLES,
@@ -78,7 +79,22 @@ from medssl_app.tasks import MedsslInferTask, MedsslTrainTask
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_DICOMWEB_FILTER = {"Modality": "MR"}
+DEFAULT_DICOMWEB_FILTER = {"Modality": "MR"}  # the released bundles' (default_dicomweb_filter follows the served ones)
+
+
+def default_dicomweb_filter(modalities: Dict[str, str]) -> Dict[str, str]:
+    """The PACS series to list: those of the served bundles' modality (``{"Modality": "CT"}`` for CT bundles).
+
+    Raises:
+        ValueError: the served bundles segment different modalities (give ``--conf dicomweb_filter``).
+    """
+    kinds = sorted(set(modalities.values()))
+    if len(kinds) > 1:
+        raise ValueError(
+            f"the served bundles segment different modalities ({modalities}); serve one modality per app, or give "
+            "--conf dicomweb_filter '{\"Modality\": ...}'."
+        )
+    return {"Modality": kinds[0]} if kinds else dict(DEFAULT_DICOMWEB_FILTER)
 
 
 class MedsslApp(MONAILabelApp):
@@ -94,8 +110,13 @@ class MedsslApp(MONAILabelApp):
             version=conf.get("bundle_version"),
         )
         self.label_names: Dict[int, str] = {}
-        for path in self.models.values():
+        self.label_codes: Dict[int, Any] = {}  # the bundles' own SNOMED codes, for the SEGs written here
+        self.modalities: Dict[str, str] = {}  # bundle -> the modality it segments
+        for name, path in self.models.items():
             self.label_names.update(bundle_label_names(path))
+            task = read_task(path)
+            self.label_codes.update(task.codes)
+            self.modalities[name] = task.modality
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -132,7 +153,7 @@ class MedsslApp(MONAILabelApp):
         )
         search_filter = self.conf.get("dicomweb_filter")
         try:
-            search_filter = json.loads(search_filter) if search_filter else dict(DEFAULT_DICOMWEB_FILTER)
+            search_filter = json.loads(search_filter) if search_filter else default_dicomweb_filter(self.modalities)
         except json.JSONDecodeError as e:
             raise ValueError(f"--conf dicomweb_filter {search_filter!r}: expected a JSON object ({e}).") from e
         cache = (
@@ -143,7 +164,9 @@ class MedsslApp(MONAILabelApp):
         )
         first = next(iter(self.models))
         algorithm = (first, str(json.loads((self.models[first] / "configs" / "metadata.json").read_text())["version"]))
-        return MedsslDicomWebDatastore(client, search_filter, cache.strip(), self.label_names, algorithm)
+        return MedsslDicomWebDatastore(
+            client, search_filter, cache.strip(), self.label_names, algorithm, label_codes=self.label_codes
+        )
 
     def _download_dcmqi_tools(self):
         pass  # SEG is written by medssl.clinic.dicom (highdicom); nothing to download
@@ -163,7 +186,10 @@ class MedsslApp(MONAILabelApp):
             version = str(json.loads((self.models[name] / "configs" / "metadata.json").read_text())["version"])
             labels, _ = read_label_upload(label, f"{series_dir}.nii", self.label_names, "inferred label")
             out = tempfile.NamedTemporaryFile(suffix=".dcm", delete=False).name
-            seg = label_to_seg(labels, series_dir, out, name, version, self.label_names, algorithm_type="AUTOMATIC")
+            seg = label_to_seg(
+                labels, series_dir, out, name, version, self.label_names, algorithm_type="AUTOMATIC",
+                label_codes=self.label_codes,
+            )  # fmt: skip
             return str(seg)
         except DataError as e:
             raise refuse(e) from e

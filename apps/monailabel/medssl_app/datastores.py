@@ -251,8 +251,11 @@ class MedsslDicomWebDatastore(CheckedDatastore, DICOMWebDatastore):
     (405).
     """
 
-    def __init__(self, client, search_filter, cache_path, label_names, algorithm, list_ttl: float = 30.0):
+    def __init__(
+        self, client, search_filter, cache_path, label_names, algorithm, list_ttl: float = 30.0, label_codes=None
+    ):
         self.label_names = dict(label_names)
+        self.label_codes = dict(label_codes or {})  # value -> (code, category): the served bundles' own
         self.algorithm = algorithm  # (bundle name, version) named in the SEGs
         self.list_ttl = float(list_ttl)
         self._listed = (0.0, [])
@@ -349,6 +352,7 @@ class MedsslDicomWebDatastore(CheckedDatastore, DICOMWebDatastore):
                     algorithm_type="SEMIAUTOMATIC",
                     content_creator=user,
                     series_description=f"MONAI Label {tag} label ({bundle})",
+                    label_codes=self.label_codes,
                 )
                 ds = pydicom.dcmread(str(seg))
                 self._ask(f"store the SEG of series {image_id}", self._client.store_instances, [ds])

@@ -348,8 +348,9 @@ def series_to_nifti(series_dir: os.PathLike | str, out: os.PathLike | str) -> Pa
         medssl.clinic.dicom.DicomError: the series cannot be read as one 3D volume (the reason names the file).
     """
     from medssl.clinic.dicom import read_series
+    from medssl.task import MODALITIES
 
-    volume = read_series(series_dir)
+    volume = read_series(series_dir, modalities=MODALITIES)  # the datastore's filter chose the series
     return write_nifti(volume.array, volume.affine, out, np.float32)
 
 
@@ -363,17 +364,20 @@ def label_to_seg(
     algorithm_type: str = "SEMIAUTOMATIC",
     content_creator: str = "medssl^annotator",
     series_description: Optional[str] = None,
+    label_codes: Optional[Mapping[int, Any]] = None,
 ) -> Path:
     """Write a label map on the grid of :func:`series_to_nifti`'s volume of ``series_dir`` as a DICOM SEG of that
     series (:func:`medssl.clinic.dicom.write_seg`). An annotator's label is ``SEMIAUTOMATIC`` by default: a person saved
-    it, starting from ``bundle``'s auto-segmentation.
+    it, starting from ``bundle``'s auto-segmentation. ``label_codes`` (value -> (code, category), the bundles' own,
+    :func:`medssl.task.read_task`) code the segments.
 
     Raises:
         medssl.clinic.dicom.DicomError: the series cannot be read, or ``labels`` is not on its grid.
     """
     from medssl.clinic.dicom import read_series, write_seg
+    from medssl.task import MODALITIES
 
-    volume = read_series(series_dir)
+    volume = read_series(series_dir, modalities=MODALITIES)
     return write_seg(
         labels,
         volume,
@@ -384,6 +388,7 @@ def label_to_seg(
         algorithm_type=algorithm_type,
         content_creator=content_creator,
         series_description=series_description,
+        label_codes=label_codes,
     )
 
 
@@ -391,6 +396,7 @@ def seg_to_nifti(seg: os.PathLike | str, series_dir: os.PathLike | str, out: os.
     """A DICOM SEG of the series in ``series_dir`` as a uint8 NIfTI label map on the series' grid (the volume and
     affine of :func:`series_to_nifti`), segment numbers as label values; atomic."""
     from medssl.clinic.dicom import read_seg, read_series
+    from medssl.task import MODALITIES
 
-    volume = read_series(series_dir)
+    volume = read_series(series_dir, modalities=MODALITIES)
     return write_nifti(read_seg(seg, volume), volume.affine, out, np.uint8)
