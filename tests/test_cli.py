@@ -30,7 +30,8 @@ def test_demo_readme_command(tmp_path):
     rows = list(csv.DictReader(open(out / "eval" / "metrics.csv")))
     assert [r["case"] for r in rows] == ["sample_004", "sample_005", "mean", "std", "n_nan"]
     mean = rows[2]
-    # 200 SGD iterations on 4 synthetic cases segment the 2 held-out ones well (0.92 mean Dice when recorded)
+    # 100 SGD iterations on 4 synthetic cases segment the 2 held-out ones well (0.885 mean Dice when recorded on the
+    # 2-core EPYC without AVX-512; 200 iterations gave 0.92 in twice the time)
     assert float(mean["dice"]) > 0.8 and float(mean["jaccard"]) > 0.65
     assert "Dice / Jaccard in [0, 1]; 95HD / ASD in mm" in proc.stdout  # the bundles' default distance_unit
     mean_line = [line for line in proc.stdout.splitlines() if line.startswith("mean ")][-1]  # the printed table

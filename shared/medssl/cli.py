@@ -54,7 +54,7 @@ def dev_split(dataset_dir: str, out: str, num_train: int = 60, downsample: int =
 
 def demo(
     out: str = "demo_output",
-    iterations: int = 200,
+    iterations: int = 100,
     seed: int = 0,
     bundles_dir: str = None,
     scan: str = None,
