@@ -199,8 +199,11 @@ def test_evaluate_and_inference_agree_with_independent_metrics(trained, sample_d
             np.testing.assert_allclose(pred.affine, image.affine)
             assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1}
             label = np.asarray(nib.load(sample_dir / "labelsTr" / f"{row['case']}.nii.gz").dataobj)
-            for k, v in case_metrics(np.asarray(pred.dataobj), label).items():
-                assert float(row[k + suffix]) == pytest.approx(v, abs=1e-5, nan_ok=True), (row["case"], k + suffix)
+            # distances in mm (the default distance_unit) from the image's own voxel size
+            spacing = image.header.get_zooms()[:3]
+            for k, v in case_metrics(np.asarray(pred.dataobj), label, spacing=spacing).items():
+                column = f"{k}{suffix}_mm" if k in ("hd95", "asd") else k + suffix
+                assert float(row[column]) == pytest.approx(v, abs=1e-5, nan_ok=True), (row["case"], column)
     assert float(rows[2]["dice"]) == pytest.approx(np.mean([float(r["dice"]) for r in rows[:2]]), abs=1e-5)
 
 

@@ -78,9 +78,9 @@ def test_the_window_on_real_hounsfield_units():
 
 @pytest.fixture(scope="module")
 def trained(module_tmp):
-    """la_seg_finetune trained 6 iterations on the real CT (4 labels, window, modality CT, 2 mm grid) into a bare run
-    folder, and evaluated; the scan is both the training and the evaluation case (a pipeline check, not a
-    benchmark)."""
+    """spark_pretrain 2 iterations on the real CT (window), then la_seg_finetune 6 iterations from its encoder (4
+    labels, window, modality CT, 2 mm grid) into a bare run folder, and evaluated; the scan is both the training and
+    the evaluation case (a pipeline check, not a benchmark)."""
     data = module_tmp("real_ct")
     for sub in ("imagesTr", "labelsTr"):
         (data / sub).mkdir()
@@ -95,8 +95,19 @@ def trained(module_tmp):
         "--intensity", json.dumps(WINDOW), "--spacing", "[2,2,2]", "--patch_size", "[32,32,32]", "--num_workers", 0,
         "--sw_batch_size", 4, "--num_labeled", 1,
     ]  # fmt: skip
-    proc = bundle_cmd("run", "--config_file", configs("la_seg_finetune", "train"), *args, "--max_iterations", 6,
-                      "--batch_size", 2, "--val_interval", 0)  # fmt: skip
+    # SparK pre-trains on the CT's Hounsfield units through the same window, then the fine-tuning starts from it
+    spark = module_tmp("real_ct_spark")
+    bundle_cmd(
+        "run", "--config_file", configs("spark_pretrain", "train"), "--bundle_root", spark, "--dataset_dir", data,
+        "--intensity", json.dumps(WINDOW), "--spacing", "[2,2,2]", "--patch_size", "[32,32,32]", "--num_workers", 0,
+        "--max_iterations", 2, "--batch_size", 2, "--save_interval", 0,
+    )  # fmt: skip
+    proc = bundle_cmd(
+        "run", "--config_file", configs("la_seg_finetune", "train"), *args, "--max_iterations", 6, "--batch_size", 2,
+        "--val_interval", 0, "--pretrained_ckpt", spark / "models" / "model.pt",
+    )  # fmt: skip
+    assert "tensors matched, 0 missing" not in proc.stdout  # the encoder only: the decoder starts fresh
+    assert f"pretrained_ckpt {spark / 'models' / 'model.pt'}:" in proc.stdout
     assert f"copied the configs of la_seg_finetune ({REPO / 'bundles' / 'la_seg_finetune' / 'configs'})" in proc.stdout
     bundle_cmd("run", "--config_file", configs("la_seg_finetune", "train", "evaluate"), *args)
     return root
