@@ -291,6 +291,32 @@ def test_segment_cli_on_a_dicom_folder(series, segmenter, tmp_path):
     assert (out / "axial_preview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_series_of_another_body_part_is_flagged_and_still_written(series, segmenter, tmp_path):
+    """The LA release on a series whose BodyPartExamined says HEAD: flagged before the model runs, written all the
+    same, the warning in statistics.json, the result and the SEG's series description; the same series saying CHEST
+    (a heart region) passes. statistics.json also says what the model was trained on."""
+    folder, _, _ = series["axial"]
+    for value, verdict in (("HEAD", "warning"), ("CHEST", "ok")):
+        copy = tmp_path / value
+        shutil.copytree(folder, copy)
+        for f in copy.iterdir():
+            ds = pydicom.dcmread(f)
+            ds.BodyPartExamined = value
+            ds.save_as(f)
+        (r,) = segmenter.segment([copy], out=tmp_path / f"out_{value}")
+        assert r["status"] == "ok" and r["quality"]["verdict"] == verdict, r["quality"]
+        assert r["quality"]["checks"]["body_part_examined"] == value
+        stats = json.loads(Path(r["statistics"]).read_text())
+        assert stats["quality"] == r["quality"] and "LGE" in stats["model"]["task"]
+        assert "Research only" in stats["model"]["intended_use"] and "Atrial" in stats["model"]["data_source"]
+        description = pydicom.dcmread(r["dicom_seg"]).SeriesDescription
+        if verdict == "warning":
+            assert r["quality"]["reasons"][0].startswith("BodyPartExamined is 'HEAD', not a region this model")
+            assert description == "CHECK body part HEAD - la_seg_finetune 0.5.0"
+        else:
+            assert r["quality"]["reasons"] == [] and description == "la_seg_finetune 0.5.0 segmentation"
+
+
 def test_seg_codes_each_label_from_the_bundle_labels(tmp_path, caplog):
     """Three labels: two coded by the bundle's labels (liver with its own category), one without a code, which gets
     the generic code and a warning naming it; dciodvfy accepts the SEG."""

@@ -185,6 +185,7 @@ def write_series(
     intercept: float = 0.0,
     file_names: str = "uid",
     seed: int = 0,
+    body_part: str = "",
 ) -> List[Path]:
     """Write ``array[i, j, k]`` with RAS ``affine`` as a classic MR Image Storage series (CT Image Storage with
     ``modality="CT"``, its values then Hounsfield units through ``slope``/``intercept``), one file per slice ``k``.
@@ -193,6 +194,7 @@ def write_series(
     (ImagePositionPatient, ImageOrientationPatient, PixelSpacing, SliceThickness) comes from the affine.
     ``file_names``: ``"uid"`` (``<SOPInstanceUID>.dcm``), ``"index"`` (``IM0001.dcm`` in slice order) or
     ``"shuffled"`` (index names in a random order, so that neither names nor InstanceNumber follow the slices).
+    ``body_part``: a BodyPartExamined value (none by default).
 
     Raises:
         DicomError: a non-3D array, values that are not int16 integers, or an affine whose in-plane axes are not
@@ -238,6 +240,8 @@ def write_series(
         ds.SeriesDescription, ds.PatientPosition, ds.Laterality = series_description, "HFS", ""
         ds.FrameOfReferenceUID, ds.PositionReferenceIndicator = frame_uid, ""
         ds.Manufacturer = "medssl"
+        if body_part:
+            ds.BodyPartExamined = body_part
         ds.InstanceNumber = (k + 1) if file_names != "shuffled" else int(names[k][2:6])
         if modality == "CT":
             ds.ImageType, ds.KVP = ["ORIGINAL", "PRIMARY", "AXIAL"], "120"

@@ -34,6 +34,7 @@ from medssl.data import DataError, write_json, write_nifti
 
 __all__ = [
     "SERVED_BUNDLES",
+    "RELEASED_ONLY",
     "SEMI_SUPERVISED",
     "prepare_models",
     "write_datastore_split",
@@ -52,7 +53,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger("medssl")
+# the segmentation bundles MONAI Label serves by default; RELEASED_ONLY ones are served from a release (pulled by name)
 SERVED_BUNDLES = ("la_seg_finetune", "cvrl_semisup", "simcvd_distill")
+RELEASED_ONLY = ("acdc_seg_finetune",)  # la_seg_finetune's configs with ACDC's cardiac labels (benchmarks/acdc_release.py)
 SEMI_SUPERVISED = ("cvrl_semisup", "simcvd_distill")
 
 
@@ -73,9 +76,9 @@ def prepare_models(
     Raises:
         ValueError: a name that medssl does not serve for segmentation.
     """
-    unknown = [n for n in names if n not in SERVED_BUNDLES]
+    unknown = [n for n in names if n not in SERVED_BUNDLES + RELEASED_ONLY]
     if unknown:
-        raise ValueError(f"models {unknown} cannot be served; choose from {list(SERVED_BUNDLES)}.")
+        raise ValueError(f"models {unknown} cannot be served; choose from {list(SERVED_BUNDLES + RELEASED_ONLY)}.")
     model_dir = Path(model_dir)
     model_dir.mkdir(parents=True, exist_ok=True)
     released = set()
@@ -88,7 +91,7 @@ def prepare_models(
         target = model_dir / name
         if not (target / "configs" / "metadata.json").is_file():
             with tempfile.TemporaryDirectory(dir=model_dir, prefix=f".{name}.") as tmp:
-                if index and name not in released:
+                if index and name not in released and name not in RELEASED_ONLY:
                     logger.info(
                         "%s is not released in %s: served from the bundles folder, without weights", name, index
                     )
@@ -97,6 +100,15 @@ def prepare_models(
 
                     src = pull(name, tmp, version=version, index=index)
                     os.replace(src, target)
+                elif name in RELEASED_ONLY:  # no bundle folder: from the given index, else the checkout's
+                    from medssl.bundle import default_index
+                    from medssl.clinic.release import pull, read_index
+
+                    own = index or default_index()
+                    if not any(key.rsplit("_v", 1)[0] == name for key in read_index(own)):
+                        raise ValueError(f"{name} is served from its release, which {own} does not list; pass the "
+                                         "bundle_index.json that lists it (--conf bundle_index).")  # fmt: skip
+                    os.replace(pull(name, tmp, version=version, index=own), target)
                 else:
                     src = bundle_path(name, bundles_dir)
                     shutil.copytree(src, Path(tmp) / name, ignore=shutil.ignore_patterns("eval", "logs", "__pycache__"))

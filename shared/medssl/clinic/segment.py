@@ -10,13 +10,15 @@ segments every scan on the GPU if there is one (else the CPU, bf16 where it has 
   series as read from its attributes);
 - ``<name>_seg.dcm``: a DICOM SEG of the source series (DICOM inputs; ``--output_type``);
 - ``<name>_statistics.json``: per label its volume in mL and voxel count, the bundle and version, device,
-  precision, seconds; ``<name>_preview.png`` with ``--preview``;
+  precision, seconds, ``quality`` (the checks of :mod:`medssl.clinic.quality`: verdict, reasons, numbers) and
+  ``model`` (the bundle's task, data source and intended use); ``<name>_preview.png`` with ``--preview``;
 - ``summary.json``: every scan of the run, the failed ones with their reason.
 
 Each scan is on its own: one that cannot be read, preprocessed or segmented is reported with its reason and
 skipped, the others are written as usual (``--fail_fast`` stops at the first failure instead). Every file appears
 complete or not at all. A scan in any units, orientation and spacing is a normal input: the bundle's preprocessing
-handles it and its postprocessing inverts it.
+handles it and its postprocessing inverts it. A scan the quality checks warn about is written all the same, with
+a ``warning:`` line under the table, the reasons in its statistics and ``CHECK ...`` in its SEG's series description.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import nibabel as nib
 import numpy as np
 from medssl.bundle import cache_dir, default_index, require_weights
+from medssl.clinic.quality import Quality, body_part_reason, bundle_body_parts, volume_reasons
 from medssl.data import NIFTI_SUFFIXES, DataError, as_bool, atomic_path, check_headers, data_error_message, write_json
 from medssl.export import RUNTIMES, check_runtime
 from medssl.task import read_task
@@ -222,6 +225,10 @@ class Segmenter:
         # bundle segments (a DICOM series of another is refused)
         task = read_task(self.root)
         self.label_names, self.label_codes, self.modalities = task.names, task.codes, (task.modality,)
+        # what the quality checks compare a scan with (medssl.clinic.quality), and what the model was trained on
+        self.body_parts = bundle_body_parts(task.names, task.codes, parser.get("body_parts"))
+        self.volume_record = meta.get("training_label_volumes_ml")
+        self.model_info = {k: meta[k] for k in ("task", "data_source", "intended_use") if k in meta}
         self.progress = progress
         self.workdir = Path(tempfile.mkdtemp(prefix="medssl-segment-"))
         settings = {
@@ -387,6 +394,12 @@ class Segmenter:
                 nib.save(nib.Nifti1Image(volume.array, volume.affine), str(image))
             else:
                 image = scan.source  # its header was checked by collect_inputs
+            quality = Quality()
+            if volume is not None:  # the cheap check first: the series' body part, before the model runs
+                quality.checks["body_part_examined"] = str(getattr(volume.datasets[0], "BodyPartExamined", "") or "")
+                quality.add(body_part_reason(volume.datasets, self.body_parts))
+                for reason in quality.reasons:
+                    logger.warning("%s: %s", scan.name, reason)
             pred = self.infer(image)
             labels_img = nib.load(str(pred))
             labels = np.asarray(labels_img.dataobj)
@@ -397,21 +410,24 @@ class Segmenter:
             }  # fmt: skip
             # every output is made in the scan's work folder first and published only when all of them exist
             made: Dict[str, Path] = {}
-            if volume is not None and output_type in ("dicom_seg", "both"):
-                made["dicom_seg"] = write_seg(
-                    labels, volume, work / f"{scan.name}_seg.dcm", self.name, self.version, self.label_names,
-                    label_codes=self.label_codes,
-                )
-            if output_type in ("nifti", "both"):
-                made["segmentation"] = pred
-            if preview:
-                made["preview"] = write_preview(image, labels_img, work / f"{scan.name}_preview.png", scan.name)
             voxel_ml = abs(float(np.linalg.det(labels_img.affine[:3, :3]))) / 1000.0
             counts = {v: int((labels == v).sum()) for v in self.label_names}
             record["labels"] = {
                 name: {"value": v, "voxels": counts[v], "volume_ml": round(counts[v] * voxel_ml, 3)}
                 for v, name in self.label_names.items()
             }
+            volumes = {name: entry["volume_ml"] for name, entry in record["labels"].items()}
+            quality.add(volume_reasons(volumes, self.volume_record))
+            record["quality"] = quality.as_dict()
+            if volume is not None and output_type in ("dicom_seg", "both"):
+                made["dicom_seg"] = write_seg(
+                    labels, volume, work / f"{scan.name}_seg.dcm", self.name, self.version, self.label_names,
+                    label_codes=self.label_codes, series_description=quality.description(self.name, self.version),
+                )
+            if output_type in ("nifti", "both"):
+                made["segmentation"] = pred
+            if preview:
+                made["preview"] = write_preview(image, labels_img, work / f"{scan.name}_preview.png", scan.name)
             record["volume_ml"] = round(record["labels"][self.label_names[min(self.label_names)]]["volume_ml"], 2)
             targets = {"segmentation": f"{scan.name}_seg.nii.gz", "dicom_seg": f"{scan.name}_seg.dcm",
                        "preview": f"{scan.name}_preview.png"}  # fmt: skip
@@ -423,6 +439,7 @@ class Segmenter:
                 "bundle": self.name, "version": self.version, "device": self.device, "precision": self.precision,
                 "runtime": self.runtime,
                 **({"runtime_choice": self.runtime_choice} if self.runtime_choice else {}),
+                "quality": record["quality"], "model": self.model_info,
             }  # fmt: skip
             made["statistics"] = write_json(stats, work / f"{scan.name}_statistics.json")
             record["statistics"] = str(out / f"{scan.name}_statistics.json")
@@ -593,6 +610,9 @@ def print_table(results: Sequence[Dict[str, Any]]) -> None:
                 f"{labels[name]['volume_ml']:>{w}.1f}" if name in labels else f"{'-':>{w}}" for name, _, w in columns
             )
             print(f"{Path(r['scan']).name:<{width}}  {volumes}  {r['seconds']:>7.1f}  {files}")
+    for r in ok:  # a warned scan is written all the same: the user decides
+        for reason in (r.get("quality") or {}).get("reasons", []):
+            print(f"warning: {Path(r['scan']).name}: {reason}")
     print(f"{len(ok)} segmented, {len(failed)} failed")
     for r in failed:
         print(f"error: {r['error']}")
