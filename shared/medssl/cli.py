@@ -246,11 +246,14 @@ def dicom_node(
     device: str = None,
     largest_component: bool = True,
     runtime: str = None,
+    allow: str = None,
+    allow_file: str = None,
 ) -> None:
     """Run a DICOM node (Storage SCP, C-ECHO) until Ctrl-C: each complete MR series received (association released,
     or --quiet_seconds without a new instance) is segmented and its DICOM SEG C-STOREd to --destination AET@HOST:PORT;
     WORKDIR/incoming, done, failed keep every instance (see medssl.clinic.dicom_node). --runtime as for segment (default
-    auto).
+    auto). --allow AE@HOST,... / --allow_file FILE: the callers let in (HOST an address, a network a.b.c.d/n, a name
+    or *; AE a title or *); others are rejected at A-ASSOCIATE; default the destination's AE@host plus loopback.
     """
     from medssl.clinic.dicom_node import dicom_node as _dicom_node
 
@@ -269,6 +272,8 @@ def dicom_node(
         device=device,
         largest_component=largest_component,
         runtime=None if runtime is None else str(runtime),
+        allow=allow,
+        allow_file=allow_file,
     )
 
 

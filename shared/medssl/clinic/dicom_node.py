@@ -40,7 +40,9 @@ be decoded gets 0xC210, one whose UIDs are missing or not valid UIDs (they becom
 request gets 0xA900, a disk error gets 0xA700.
 
 Options (defaults): ``--workdir dicom_node``, ``--ae_title MEDSSL``, ``--host 127.0.0.1`` (loopback only: this node
-has no TLS and no user identity check; use ``--host 0.0.0.0`` to listen on every interface of a trusted network),
+has no TLS yet; use ``--host 0.0.0.0`` to listen on every interface of a trusted network), ``--allow AE@HOST,...`` /
+``--allow_file FILE`` (the callers let in, others rejected at A-ASSOCIATE: :mod:`medssl.clinic.dicom_allow`; default
+the destination's AE title from its host, plus loopback),
 ``--port 11112``, ``--destination AET@HOST:PORT`` (none: SEGs stay in ``done/``), ``--quiet_seconds 10``,
 ``--max_queue 16``, ``--send_retries 3`` (attempts per SEG, 2 s then 4 s... apart), ``--bundle la_seg_finetune``,
 ``--index``, ``--bundle_dir``, ``--device`` (default: the GPU if there is one), ``--largest_component true``.
@@ -64,6 +66,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
 from medssl.clinic.dicom import CT_IMAGE_STORAGE, MR_IMAGE_STORAGE
+from medssl.clinic.dicom_allow import REJECT_CALLING_AE, AllowList
 from medssl.clinic.dicom_send import SendError, parse_destination, send_file  # part of this module's API, as before
 from medssl.clinic.series_queue import Key, Processor, SeriesQueue
 from medssl.data import DataError, as_bool
@@ -135,9 +138,11 @@ class DicomNode:
         send_retries: attempts per SEG.
         modalities: the modalities whose image storage is accepted (``("MR",)``, ``("CT",)``); default the
             processor's ``modalities`` (the bundle's metadata, for the default processor), else MR.
+        allow, allow_file: the callers let in (:mod:`medssl.clinic.dicom_allow`); default the destination's AE title
+            from its host, plus loopback.
 
     Raises:
-        DataError: a bad destination, AE title, port, quiet period or queue bound.
+        DataError: a bad destination, AE title, port, quiet period, queue bound or caller entry.
     """
 
     def __init__(
@@ -153,6 +158,8 @@ class DicomNode:
         send_retries: int = 3,
         processor_options: Optional[Dict[str, Any]] = None,
         modalities: Optional[Sequence[str]] = None,
+        allow: Any = None,
+        allow_file: Optional[os.PathLike | str] = None,
     ):
         unknown = [m for m in modalities or () if m not in STORAGE_OF_MODALITY]
         if unknown:
@@ -167,6 +174,7 @@ class DicomNode:
         if not 0 <= self.port < 65536:
             raise DataError(f"--port {port}: expected 0-65535.")
         self.destination = destination if isinstance(destination, tuple) else parse_destination(destination)
+        self.callers = AllowList(allow, allow_file, self.destination)
         self.quiet_seconds = float(quiet_seconds)
         if self.quiet_seconds <= 0:
             raise DataError(f"--quiet_seconds {quiet_seconds}: must be > 0.")
@@ -214,6 +222,7 @@ class DicomNode:
         for cx in StoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, uncompressed)
         handlers = [
+            (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
             (evt.EVT_RELEASED, self._on_released),
@@ -242,10 +251,11 @@ class DicomNode:
         self.series.start()
         dest = "%s@%s:%s" % self.destination if self.destination else "none (SEGs stay in done/)"
         log.info(
-            "listening as %s on %s:%d; destination %s; workdir %s; quiet %.0f s; queue bound %d",
+            "listening as %s on %s:%d; callers %s; destination %s; workdir %s; quiet %.0f s; queue bound %d",
             self.ae_title,
             self.host,
             self.port,
+            self.callers.describe(),
             dest,
             self.workdir,
             self.quiet_seconds,
@@ -295,6 +305,23 @@ class DicomNode:
         if not modalities:
             return dict(ACCEPTED_SOP_CLASSES)
         return dict(STORAGE_OF_MODALITY[m] for m in modalities if m in STORAGE_OF_MODALITY)
+
+    def _on_requested(self, event) -> None:
+        """A-ASSOCIATE-RQ received: a caller not in :attr:`callers` is rejected before any negotiation."""
+        assoc = event.assoc
+        calling = str(assoc.requestor.primitive.calling_ae_title).strip()
+        address = assoc.requestor.address
+        if self.callers.permits(calling, address):
+            return
+        log.warning(
+            "rejected association from %s@%s (called %s): not an allowed caller (%s)",
+            calling,
+            address,
+            str(assoc.requestor.primitive.called_ae_title).strip(),
+            self.callers.describe(),
+        )
+        assoc.acse.send_reject(*REJECT_CALLING_AE)
+        assoc.kill()
 
     def _on_echo(self, event) -> int:
         return SUCCESS
@@ -364,6 +391,8 @@ def dicom_node(
     device: Optional[str] = None,
     largest_component: Any = True,
     runtime: Optional[str] = None,
+    allow: Any = None,
+    allow_file: Optional[str] = None,
 ) -> None:
     """Run the node until SIGINT/SIGTERM (see the module docstring).
 
@@ -379,6 +408,8 @@ def dicom_node(
         quiet_seconds=quiet_seconds,
         max_queue=max_queue,
         send_retries=send_retries,
+        allow=allow,
+        allow_file=allow_file,
         processor_options={
             "bundle": bundle,
             "index": index,
