@@ -248,12 +248,15 @@ def dicom_node(
     runtime: str = None,
     allow: str = None,
     allow_file: str = None,
+    keep_days: float = None,
+    max_done_gb: float = None,
 ) -> None:
     """Run a DICOM node (Storage SCP, C-ECHO) until Ctrl-C: each complete MR series received (association released,
     or --quiet_seconds without a new instance) is segmented and its DICOM SEG C-STOREd to --destination AET@HOST:PORT;
     WORKDIR/incoming, done, failed keep every instance (see medssl.clinic.dicom_node). --runtime as for segment (default
     auto). --allow AE@HOST,... / --allow_file FILE: the callers let in (HOST an address, a network a.b.c.d/n, a name
     or *; AE a title or *); others are rejected at A-ASSOCIATE; default the destination's AE@host plus loopback.
+    --keep_days N / --max_done_gb X: processed series leave done/ oldest first, never one whose SEG was not yet sent.
     """
     from medssl.clinic.dicom_node import dicom_node as _dicom_node
 
@@ -274,6 +277,8 @@ def dicom_node(
         runtime=None if runtime is None else str(runtime),
         allow=allow,
         allow_file=allow_file,
+        keep_days=keep_days,
+        max_done_gb=max_done_gb,
     )
 
 

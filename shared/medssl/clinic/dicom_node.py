@@ -42,7 +42,8 @@ request gets 0xA900, a disk error gets 0xA700.
 Options (defaults): ``--workdir dicom_node``, ``--ae_title MEDSSL``, ``--host 127.0.0.1`` (loopback only: this node
 has no TLS yet; use ``--host 0.0.0.0`` to listen on every interface of a trusted network), ``--allow AE@HOST,...`` /
 ``--allow_file FILE`` (the callers let in, others rejected at A-ASSOCIATE: :mod:`medssl.clinic.dicom_allow`; default
-the destination's AE title from its host, plus loopback),
+the destination's AE title from its host, plus loopback), ``--keep_days N`` / ``--max_done_gb X`` (what leaves ``done/``,
+oldest first, never a series whose SEG was not yet sent: :mod:`medssl.clinic.retention`; default keep everything),
 ``--port 11112``, ``--destination AET@HOST:PORT`` (none: SEGs stay in ``done/``), ``--quiet_seconds 10``,
 ``--max_queue 16``, ``--send_retries 3`` (attempts per SEG, 2 s then 4 s... apart), ``--bundle la_seg_finetune``,
 ``--index``, ``--bundle_dir``, ``--device`` (default: the GPU if there is one), ``--largest_component true``.
@@ -68,6 +69,7 @@ from typing import Any, Dict, Optional, Sequence
 from medssl.clinic.dicom import CT_IMAGE_STORAGE, MR_IMAGE_STORAGE
 from medssl.clinic.dicom_allow import REJECT_CALLING_AE, AllowList
 from medssl.clinic.dicom_send import SendError, parse_destination, send_file  # part of this module's API, as before
+from medssl.clinic.retention import Retention
 from medssl.clinic.series_queue import Key, Processor, SeriesQueue
 from medssl.data import DataError, as_bool
 
@@ -140,6 +142,7 @@ class DicomNode:
             processor's ``modalities`` (the bundle's metadata, for the default processor), else MR.
         allow, allow_file: the callers let in (:mod:`medssl.clinic.dicom_allow`); default the destination's AE title
             from its host, plus loopback.
+        keep_days, max_done_gb: what leaves ``done/`` (:mod:`medssl.clinic.retention`); default keep everything.
 
     Raises:
         DataError: a bad destination, AE title, port, quiet period, queue bound or caller entry.
@@ -160,6 +163,8 @@ class DicomNode:
         modalities: Optional[Sequence[str]] = None,
         allow: Any = None,
         allow_file: Optional[os.PathLike | str] = None,
+        keep_days: Optional[float] = None,
+        max_done_gb: Optional[float] = None,
     ):
         unknown = [m for m in modalities or () if m not in STORAGE_OF_MODALITY]
         if unknown:
@@ -191,7 +196,10 @@ class DicomNode:
             destination=self.destination,
             ae_title=self.ae_title,
             send_retries=self.send_retries,
+            retention=Retention(keep_days, max_done_gb),
         )
+        if self.series.retention.active and not self.destination:
+            log.warning("--keep_days / --max_done_gb without --destination: the SEGs in done/ are removed too")
         self._server = None
         self.busy = self.series.busy  # set while a series is being processed (tests, status)
 
@@ -251,13 +259,14 @@ class DicomNode:
         self.series.start()
         dest = "%s@%s:%s" % self.destination if self.destination else "none (SEGs stay in done/)"
         log.info(
-            "listening as %s on %s:%d; callers %s; destination %s; workdir %s; quiet %.0f s; queue bound %d",
+            "listening as %s on %s:%d; callers %s; destination %s; workdir %s (%s); quiet %.0f s; queue bound %d",
             self.ae_title,
             self.host,
             self.port,
             self.callers.describe(),
             dest,
             self.workdir,
+            self.series.retention.describe(),
             self.quiet_seconds,
             self.max_queue,
         )
@@ -393,6 +402,8 @@ def dicom_node(
     runtime: Optional[str] = None,
     allow: Any = None,
     allow_file: Optional[str] = None,
+    keep_days: Optional[float] = None,
+    max_done_gb: Optional[float] = None,
 ) -> None:
     """Run the node until SIGINT/SIGTERM (see the module docstring).
 
@@ -410,6 +421,8 @@ def dicom_node(
         send_retries=send_retries,
         allow=allow,
         allow_file=allow_file,
+        keep_days=keep_days,
+        max_done_gb=max_done_gb,
         processor_options={
             "bundle": bundle,
             "index": index,

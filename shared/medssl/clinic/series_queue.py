@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from medssl.clinic.dicom_send import SendError, send_file
+from medssl.clinic.retention import Retention
 from medssl.data import atomic_path, write_json
 
 __all__ = ["Key", "Processor", "SeriesQueue"]
@@ -71,6 +72,8 @@ class SeriesQueue:
         send_retries: attempts per SEG.
         process: ``process(series_dir, out_dir) -> {"status": "ok"|"failed", "error", "dicom_seg", ...}``; must be
             set before :meth:`start`.
+        retention: what leaves ``done/`` (:mod:`medssl.clinic.retention`), applied by the sweeper at the start and
+            every ``retention_interval`` seconds; default keep everything.
     """
 
     def __init__(
@@ -82,8 +85,12 @@ class SeriesQueue:
         ae_title: str = "MEDSSL",
         send_retries: int = 3,
         process: Optional[Processor] = None,
+        retention: Optional[Retention] = None,
+        retention_interval: float = 60.0,
     ):
         self.workdir = Path(workdir)
+        self.retention = retention or Retention()
+        self.retention_interval = float(retention_interval)
         self.quiet_seconds = float(quiet_seconds)
         self.max_queue = int(max_queue)
         self.destination = destination
@@ -234,7 +241,16 @@ class SeriesQueue:
 
     def _sweep_loop(self) -> None:
         interval = min(1.0, self.quiet_seconds / 4)
-        while not self._stop.wait(interval):
+        pruned = None
+        while True:
+            if self.retention.active and (pruned is None or time.monotonic() - pruned >= self.retention_interval):
+                pruned = time.monotonic()
+                try:
+                    self.retention.prune(self.dirs["done"], self.dirs["tmp"])
+                except Exception:  # noqa: BLE001 - nor must a retention error stop it
+                    log.exception("retention in done/")
+            if self._stop.wait(interval):
+                return
             try:
                 self.sweep()
             except Exception:  # noqa: BLE001 - the sweeper must survive e.g. a folder removed by hand
