@@ -37,7 +37,9 @@ so that the sender gets a clear per-instance refusal, status 0x0122 (SOP class n
 than an association without usable contexts. While the model is being built (the first seconds after the start) both
 are stored; a series of the other modality then fails with the segmenter's one-line reason. A data set that cannot
 be decoded gets 0xC210, one whose UIDs are missing or not valid UIDs (they become folder names) or disagree with the
-request gets 0xA900, a disk error gets 0xA700.
+request gets 0xA900, a disk error gets 0xA700 (not acknowledged: the series is then held in ``incoming/``, neither
+its release nor its quiet period completes it, until the sender sends into it again without a refusal; a series that
+cannot be processed for want of space goes back to ``incoming/`` and is tried again after the quiet period).
 
 Options (defaults): ``--workdir dicom_node``, ``--ae_title MEDSSL``, ``--host 127.0.0.1`` (loopback only: this node
 has no TLS yet; use ``--host 0.0.0.0`` to listen on every interface of a trusted network), ``--allow AE@HOST,...`` /
@@ -371,6 +373,7 @@ class DicomNode:
             self.series.store(key, sop_uid, event.encoded_dataset())
         except OSError as e:
             log.error("could not store instance %s of series %s from %s: %s", sop_uid, key[1], peer, e)
+            self.series.refused(id(event.assoc), key)
             return OUT_OF_RESOURCES
         if self.series.opened(id(event.assoc), key):
             log.info("receiving series %s (study %s) from %s", key[1], key[0], peer)

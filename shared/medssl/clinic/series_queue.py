@@ -11,6 +11,7 @@ when every association that sent it was released, or after ``quiet_seconds`` wit
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -51,6 +52,11 @@ def _unique(path: Path) -> Path:
     while path.with_name(f"{path.name}.{n}").exists():
         n += 1
     return path.with_name(f"{path.name}.{n}")
+
+
+def _out_of_space(error: str) -> bool:
+    """Whether a processor's error says the disk (or the quota) is full."""
+    return any(os.strerror(code) in error for code in (errno.ENOSPC, errno.EDQUOT))
 
 
 def _write_text(path: Path, text: str) -> None:
@@ -108,6 +114,8 @@ class SeriesQueue:
         self._released: Set[Key] = set()
         self._queued: Set[Key] = set()
         self._full_logged: Set[Key] = set()
+        self._assoc_refused: Dict[int, Set[Key]] = {}  # series an open association was refused instances of
+        self._held: Set[Key] = set()  # series with refused instances: wait for the sender to send them again
         self._unsent: List[Path] = []
         self._stop = threading.Event()
         self._threads: List[threading.Thread] = []
@@ -187,12 +195,30 @@ class SeriesQueue:
             self._released.discard(key)
             return True
 
+    def refused(self, assoc: int, key: Key) -> None:
+        """Association ``assoc`` was refused an instance of ``key`` (it could not be written: a full disk): the series
+        is held, neither its release nor its quiet period completes it, until an association that sends into it
+        without a refusal is released (the sender sending the refused instances again)."""
+        with self._lock:
+            self._assoc_refused.setdefault(assoc, set()).add(key)
+            self._held.add(key)
+
     def released(self, assoc: int) -> None:
-        """A released association completes the series it sent (unless another open association still sends)."""
+        """A released association completes the series it sent (unless another open association still sends, or
+        the series is held: :meth:`refused`)."""
         with self._lock:
             keys = self._assoc_series.pop(assoc, set())
-            for key in keys:
-                self._active[key] = max(0, self._active.get(key, 1) - 1)
+            refused = self._assoc_refused.pop(assoc, set())
+            for key in keys | refused:
+                self._active[key] = max(0, self._active.get(key, 1) - 1) if key in keys else self._active.get(key, 0)
+                if key in refused:
+                    log.warning(
+                        "series %s: instances were refused (could not be written); it waits in incoming/ for the "
+                        "sender to send them again",
+                        key[1],
+                    )
+                    continue
+                self._held.discard(key)
                 self._released.add(key)
         if keys:
             self.sweep()
@@ -202,6 +228,7 @@ class SeriesQueue:
         with self._lock:
             for key in self._assoc_series.pop(assoc, set()):
                 self._active[key] = max(0, self._active.get(key, 1) - 1)
+            self._assoc_refused.pop(assoc, None)
 
     # scheduling ---------------------------------------------------------------------------------------------------
 
@@ -213,16 +240,7 @@ class SeriesQueue:
         for p in self.dirs["tmp"].iterdir():
             p.unlink() if p.is_file() else shutil.rmtree(p, ignore_errors=True)
         for job in sorted(self.dirs["processing"].glob("*/*")):
-            src = job / "instances"
-            target = self.dirs["incoming"] / job.parent.name / job.name
-            target.mkdir(parents=True, exist_ok=True)
-            moved = 0
-            for f in src.glob("*.dcm") if src.is_dir() else []:
-                if not (target / f.name).exists():
-                    os.replace(f, target / f.name)
-                    moved += 1
-            _fsync_dir(target)
-            shutil.rmtree(job)
+            moved = self._back_to_incoming(job)
             log.info(
                 "series %s was being processed when the node stopped: back to incoming/ (%d files)", job.name, moved
             )
@@ -238,6 +256,23 @@ class SeriesQueue:
         self._unsent = sorted(p.parent for p in self.dirs["done"].glob("*/unsent.txt"))
         if self._unsent and self.destination:
             log.info("%d SEG(s) in done/ were not sent: sending them again", len(self._unsent))
+
+    def _back_to_incoming(self, job: Path) -> int:
+        """Move a processing/ job's instances back into its incoming/ folder (beside any that arrived since); the
+        number moved. Renames only: it needs no free space."""
+        src = job / "instances"
+        target = self.dirs["incoming"] / job.parent.name / job.name
+        with self._lock:
+            target.mkdir(parents=True, exist_ok=True)
+            moved = 0
+            for f in src.glob("*.dcm") if src.is_dir() else []:
+                if not (target / f.name).exists():
+                    os.replace(f, target / f.name)
+                    moved += 1
+            _fsync_dir(target)
+            shutil.rmtree(job)
+            self._tidy(job.parent)
+        return moved
 
     def _sweep_loop(self) -> None:
         interval = min(1.0, self.quiet_seconds / 4)
@@ -262,7 +297,7 @@ class SeriesQueue:
         with self._lock:
             for folder in sorted(self.dirs["incoming"].glob("*/*")):
                 key: Key = (folder.parent.name, folder.name)
-                if key in self._queued or not folder.is_dir():
+                if key in self._queued or key in self._held or not folder.is_dir():
                     continue
                 last = self._last_seen.setdefault(key, now)  # a leftover: its quiet period starts now
                 released = key in self._released and self._active.get(key, 0) == 0
@@ -303,8 +338,12 @@ class SeriesQueue:
             self.busy.set()
             try:
                 self._process_series(key)
-            except Exception:  # noqa: BLE001 - one series' disaster must not stop the node
-                log.exception("processing series %s", key[1])
+            except Exception as e:  # noqa: BLE001 - one series' disaster must not stop the node
+                job = self.dirs["processing"] / key[0] / key[1]
+                if not job.is_dir():
+                    log.exception("processing series %s", key[1])
+                else:  # e.g. its record could not be written (a full disk): it is tried again, not lost
+                    self._retry_later(job, key, f"{type(e).__name__}: {e}")
             finally:
                 with self._lock:
                     self._queued.discard(key)
@@ -352,6 +391,9 @@ class SeriesQueue:
             "volume_ml": result.get("volume_ml"),
             "segment_seconds": round(seconds, 2),
         }
+        if result.get("status") != "ok" and _out_of_space(str(result.get("error"))):
+            self._retry_later(job, key, str(result.get("error")))
+            return
         if result.get("status") != "ok":
             reason = " ".join(str(result.get("error") or "unknown error").split()) or "unknown error"
             _write_text(job / "reason.txt", reason + "\n")
@@ -376,6 +418,25 @@ class SeriesQueue:
         log.info("series %s segmented in %.1f s (%s mL): %s", series, seconds, result.get("volume_ml"), target / rel)
         if self.destination:
             self._send_from(target, first)
+
+    def _retry_later(self, job: Path, key: Key, error: str) -> None:
+        """A series that could not be processed for want of space (or whose record could not be written) goes back
+        to incoming/, to be processed again after the quiet period: a full disk is not the series' fault."""
+        try:
+            moved = self._back_to_incoming(job)
+        except OSError:
+            log.exception("series %s: could not be moved back to incoming/; it stays in processing/ until the "
+                          "next start", key[1])  # fmt: skip
+            return
+        with self._lock:
+            self._last_seen[key] = time.monotonic()
+        log.error(
+            "series %s not processed (%s): back to incoming/ (%d files), tried again after %.0f s quiet",
+            key[1],
+            " ".join(error.split())[:300],
+            moved,
+            self.quiet_seconds,
+        )
 
     def _tidy(self, study_dir: Path) -> None:
         try:
