@@ -101,6 +101,7 @@ class Orthanc:
         modalities: ``{name: (aet, host, port)}`` DICOM nodes Orthanc may send to.
         aet: Orthanc's own AE title.
         start_timeout: seconds to wait for ``/system`` to answer.
+        extra: configuration entries on top of :meth:`config`'s (e.g. Orthanc's DICOM TLS options).
     """
 
     def __init__(
@@ -109,7 +110,9 @@ class Orthanc:
         modalities: Optional[Dict[str, Tuple[str, str, int]]] = None,
         aet: str = "ORTHANC",
         start_timeout: float = 60.0,
+        extra: Optional[Dict[str, Any]] = None,
     ):
+        self.extra = dict(extra or {})
         self.folder = Path(folder)
         self.aet = aet
         self.host = "127.0.0.1"
@@ -153,6 +156,7 @@ class Orthanc:
             "StorageCompression": False,
             "Plugins": [self.plugin] if self.plugin else [],
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": True, "WadoRoot": "/wado"},
+            **self.extra,
         }
 
     def start(self) -> "Orthanc":
@@ -267,9 +271,10 @@ class Orthanc:
         """The DICOM file of an instance (Orthanc id)."""
         return self.get(f"/instances/{instance_id}/file", raw=True)
 
-    def add_modality(self, name: str, aet: str, port: int, host: str = "127.0.0.1") -> None:
-        """Register (or update) a DICOM node Orthanc may send to."""
-        self.request("PUT", f"/modalities/{name}", {"AET": aet, "Host": host, "Port": int(port)})
+    def add_modality(self, name: str, aet: str, port: int, host: str = "127.0.0.1", tls: bool = False) -> None:
+        """Register (or update) a DICOM node Orthanc may send to (``tls``: over DICOM TLS)."""
+        entry = {"AET": aet, "Host": host, "Port": int(port), **({"UseDicomTls": True} if tls else {})}
+        self.request("PUT", f"/modalities/{name}", entry)
         self.modalities[name] = (aet, host, int(port))
 
     def store_to(self, modality: str, *resources: str, asynchronous: bool = True) -> Any:

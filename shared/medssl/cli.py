@@ -250,6 +250,10 @@ def dicom_node(
     allow_file: str = None,
     keep_days: float = None,
     max_done_gb: float = None,
+    tls_cert: str = None,
+    tls_key: str = None,
+    tls_ca: str = None,
+    tls_check_hostname: bool = True,
 ) -> None:
     """Run a DICOM node (Storage SCP, C-ECHO) until Ctrl-C: each complete MR series received (association released,
     or --quiet_seconds without a new instance) is segmented and its DICOM SEG C-STOREd to --destination AET@HOST:PORT;
@@ -257,6 +261,7 @@ def dicom_node(
     auto). --allow AE@HOST,... / --allow_file FILE: the callers let in (HOST an address, a network a.b.c.d/n, a name
     or *; AE a title or *); others are rejected at A-ASSOCIATE; default the destination's AE@host plus loopback.
     --keep_days N / --max_done_gb X: processed series leave done/ oldest first, never one whose SEG was not yet sent.
+    --tls_cert / --tls_key (PEM) [--tls_ca: mutual TLS]: DICOM TLS for the SCP and the SEG sends.
     """
     from medssl.clinic.dicom_node import dicom_node as _dicom_node
 
@@ -279,6 +284,10 @@ def dicom_node(
         allow_file=allow_file,
         keep_days=keep_days,
         max_done_gb=max_done_gb,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_ca=tls_ca,
+        tls_check_hostname=tls_check_hostname,
     )
 
 

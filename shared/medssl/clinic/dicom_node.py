@@ -42,7 +42,8 @@ its release nor its quiet period completes it, until the sender sends into it ag
 cannot be processed for want of space goes back to ``incoming/`` and is tried again after the quiet period).
 
 Options (defaults): ``--workdir dicom_node``, ``--ae_title MEDSSL``, ``--host 127.0.0.1`` (loopback only: this node
-has no TLS yet; use ``--host 0.0.0.0`` to listen on every interface of a trusted network), ``--allow AE@HOST,...`` /
+speaks plain DICOM unless given ``--tls_cert`` / ``--tls_key`` [``--tls_ca`` for mutual TLS] (:mod:`medssl.clinic.dicom_tls`);
+``--host 0.0.0.0`` listens on every interface), ``--allow AE@HOST,...`` /
 ``--allow_file FILE`` (the callers let in, others rejected at A-ASSOCIATE: :mod:`medssl.clinic.dicom_allow`; default
 the destination's AE title from its host, plus loopback), ``--keep_days N`` / ``--max_done_gb X`` (what leaves ``done/``,
 oldest first, never a series whose SEG was not yet sent: :mod:`medssl.clinic.retention`; default keep everything),
@@ -71,6 +72,7 @@ from typing import Any, Dict, Optional, Sequence
 from medssl.clinic.dicom import CT_IMAGE_STORAGE, MR_IMAGE_STORAGE
 from medssl.clinic.dicom_allow import REJECT_CALLING_AE, AllowList
 from medssl.clinic.dicom_send import SendError, parse_destination, send_file  # part of this module's API, as before
+from medssl.clinic.dicom_tls import Tls
 from medssl.clinic.retention import Retention
 from medssl.clinic.series_queue import Key, Processor, SeriesQueue
 from medssl.data import DataError, as_bool
@@ -145,6 +147,8 @@ class DicomNode:
         allow, allow_file: the callers let in (:mod:`medssl.clinic.dicom_allow`); default the destination's AE title
             from its host, plus loopback.
         keep_days, max_done_gb: what leaves ``done/`` (:mod:`medssl.clinic.retention`); default keep everything.
+        tls_cert, tls_key, tls_ca, tls_check_hostname: DICOM TLS for the SCP and the sends
+            (:mod:`medssl.clinic.dicom_tls`); default none.
 
     Raises:
         DataError: a bad destination, AE title, port, quiet period, queue bound or caller entry.
@@ -167,6 +171,10 @@ class DicomNode:
         allow_file: Optional[os.PathLike | str] = None,
         keep_days: Optional[float] = None,
         max_done_gb: Optional[float] = None,
+        tls_cert: Optional[os.PathLike | str] = None,
+        tls_key: Optional[os.PathLike | str] = None,
+        tls_ca: Optional[os.PathLike | str] = None,
+        tls_check_hostname: Any = True,
     ):
         unknown = [m for m in modalities or () if m not in STORAGE_OF_MODALITY]
         if unknown:
@@ -182,6 +190,7 @@ class DicomNode:
             raise DataError(f"--port {port}: expected 0-65535.")
         self.destination = destination if isinstance(destination, tuple) else parse_destination(destination)
         self.callers = AllowList(allow, allow_file, self.destination)
+        self.tls = Tls.from_options(tls_cert, tls_key, tls_ca, tls_check_hostname)
         self.quiet_seconds = float(quiet_seconds)
         if self.quiet_seconds <= 0:
             raise DataError(f"--quiet_seconds {quiet_seconds}: must be > 0.")
@@ -199,6 +208,7 @@ class DicomNode:
             ae_title=self.ae_title,
             send_retries=self.send_retries,
             retention=Retention(keep_days, max_done_gb),
+            tls=self.tls,
         )
         if self.series.retention.active and not self.destination:
             log.warning("--keep_days / --max_done_gb without --destination: the SEGs in done/ are removed too")
@@ -243,7 +253,10 @@ class DicomNode:
         # listen before building the model: a taken port fails at once, and senders are served (stored) meanwhile
         failure = None
         try:
-            self._server = ae.start_server((self.host, self.port), block=False, evt_handlers=handlers)
+            self._server = ae.start_server(
+                (self.host, self.port), block=False, evt_handlers=handlers,
+                ssl_context=self.tls.server_context() if self.tls else None,
+            )  # fmt: skip
         except OSError as e:
             failure = f"dicom_node: cannot listen on {self.host}:{self.port}: {e.strerror or e}"
         if failure:  # raised outside the except block: the CLI prints the innermost cause of a chain
@@ -261,10 +274,11 @@ class DicomNode:
         self.series.start()
         dest = "%s@%s:%s" % self.destination if self.destination else "none (SEGs stay in done/)"
         log.info(
-            "listening as %s on %s:%d; callers %s; destination %s; workdir %s (%s); quiet %.0f s; queue bound %d",
+            "listening as %s on %s:%d (%s); callers %s; destination %s; workdir %s (%s); quiet %.0f s; queue bound %d",
             self.ae_title,
             self.host,
             self.port,
+            self.tls.describe() if self.tls else "no TLS",
             self.callers.describe(),
             dest,
             self.workdir,
@@ -407,6 +421,10 @@ def dicom_node(
     allow_file: Optional[str] = None,
     keep_days: Optional[float] = None,
     max_done_gb: Optional[float] = None,
+    tls_cert: Optional[str] = None,
+    tls_key: Optional[str] = None,
+    tls_ca: Optional[str] = None,
+    tls_check_hostname: Any = True,
 ) -> None:
     """Run the node until SIGINT/SIGTERM (see the module docstring).
 
@@ -426,6 +444,10 @@ def dicom_node(
         allow_file=allow_file,
         keep_days=keep_days,
         max_done_gb=max_done_gb,
+        tls_cert=tls_cert,
+        tls_key=tls_key,
+        tls_ca=tls_ca,
+        tls_check_hostname=tls_check_hostname,
         processor_options={
             "bundle": bundle,
             "index": index,

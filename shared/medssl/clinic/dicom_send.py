@@ -14,9 +14,12 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import TYPE_CHECKING, Optional, Tuple
 
 from medssl.data import DataError
+
+if TYPE_CHECKING:
+    from medssl.clinic.dicom_tls import Tls
 
 __all__ = ["SEND_OK", "SendError", "parse_destination", "send_file"]
 
@@ -53,9 +56,11 @@ def send_file(
     retries: int = 3,
     timeout: float = 60.0,
     stop: Optional[threading.Event] = None,
+    tls: Optional["Tls"] = None,
 ) -> float:
     """C-STORE the DICOM file ``path`` to ``destination`` ``(aet, host, port)``, trying up to ``retries`` times
-    (2 s, 4 s, 8 s... apart); returns the seconds it took.
+    (2 s, 4 s, 8 s... apart); returns the seconds it took. With ``tls`` (:class:`medssl.clinic.dicom_tls.Tls`) over
+    DICOM TLS: the destination's certificate checked, this node's presented.
 
     Raises:
         SendError: every attempt failed (unreachable, association rejected or aborted, a failure status); the
@@ -72,10 +77,11 @@ def send_file(
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(ds.SOPClassUID, syntaxes)
     aet, host, port = destination
+    tls_args = (tls.client_context(), host) if tls else None
     reason = "no attempt made"
     for attempt in range(1, max(1, int(retries)) + 1):
         try:
-            assoc = ae.associate(host, port, ae_title=aet)
+            assoc = ae.associate(host, port, ae_title=aet, tls_args=tls_args)
             if assoc.is_established:
                 try:
                     status = assoc.send_c_store(ds)
@@ -88,7 +94,9 @@ def send_file(
             elif assoc.is_rejected:
                 reason = "association rejected (check the destination's AE title and that it knows this node)"
             else:
-                reason = "association aborted or destination unreachable"
+                reason = "association aborted or destination unreachable" + (
+                    " (or the TLS handshake failed: the destination's certificate, its CA, its name)" if tls else ""
+                )
         except (OSError, ValueError, RuntimeError) as e:  # pynetdicom raises ValueError when no context fits
             reason = f"{type(e).__name__}: {e}"
         log.warning(

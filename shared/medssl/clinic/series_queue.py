@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from medssl.clinic.dicom_send import SendError, send_file
+from medssl.clinic.dicom_tls import Tls
 from medssl.clinic.retention import Retention
 from medssl.data import atomic_path, write_json
 
@@ -80,6 +81,7 @@ class SeriesQueue:
             set before :meth:`start`.
         retention: what leaves ``done/`` (:mod:`medssl.clinic.retention`), applied by the sweeper at the start and
             every ``retention_interval`` seconds; default keep everything.
+        tls: send the SEGs over DICOM TLS (:mod:`medssl.clinic.dicom_tls`).
     """
 
     def __init__(
@@ -93,7 +95,9 @@ class SeriesQueue:
         process: Optional[Processor] = None,
         retention: Optional[Retention] = None,
         retention_interval: float = 60.0,
+        tls: Optional[Tls] = None,
     ):
+        self.tls = tls
         self.workdir = Path(workdir)
         self.retention = retention or Retention()
         self.retention_interval = float(retention_interval)
@@ -450,7 +454,7 @@ class SeriesQueue:
             record = json.loads((folder / "result.json").read_text())
             seg = folder / record["dicom_seg"]
             seconds = send_file(
-                seg, self.destination, ae_title=self.ae_title, retries=self.send_retries, stop=self._stop
+                seg, self.destination, ae_title=self.ae_title, retries=self.send_retries, stop=self._stop, tls=self.tls
             )
         except (SendError, OSError, KeyError, ValueError) as e:
             _write_text(folder / "unsent.txt", f"{e}\n")
