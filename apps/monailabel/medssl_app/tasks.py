@@ -11,6 +11,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+import nibabel as nib
+import numpy as np
 import torch
 from monailabel.tasks.infer.bundle import BundleInferTask
 from monailabel.tasks.train.bundle import BundleTrainTask
@@ -18,6 +20,8 @@ from monailabel.tasks.train.bundle import BundleTrainTask
 import monai.bundle
 from medssl.data import check_headers
 from medssl.clinic.label import RequestError, check_name, publish_weights, write_datastore_split
+from medssl.clinic.quality import Quality
+from medssl.clinic.segment import label_volumes
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +78,12 @@ class MedsslInferTask(BundleInferTask):
             digest = hashlib.sha256(weights.read_bytes()).hexdigest()
             segmenter = self._segmenter(device, digest)
             pred = segmenter.infer(Path(image))
+            written = nib.load(str(pred))
+            labels = label_volumes(np.asarray(written.dataobj), written.affine, segmenter.label_names)
+            quality = Quality()
+            quality.add(segmenter.volume_reasons(labels))
+            for reason in quality.reasons:
+                logger.warning(f"{Path(self.bundle_path).name} on {image}: {reason}")
             out = tempfile.NamedTemporaryFile(suffix=".nii.gz", delete=False).name
             shutil.move(str(pred), out)
         seconds = round(time.perf_counter() - begin, 3)
@@ -91,6 +101,8 @@ class MedsslInferTask(BundleInferTask):
             "runtime": segmenter.runtime,
             "runtime_choice": segmenter.runtime_choice,
             "weights_sha256": digest,
+            "labels": labels,  # per structure: value, voxels, volume in mL
+            "quality": quality.as_dict(),  # medssl.clinic.quality: the volume checks (verdict, reasons, numbers)
         }
 
 

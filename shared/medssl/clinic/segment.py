@@ -43,6 +43,7 @@ from medssl.clinic.runtime_choice import default_runtime
 
 __all__ = [
     "Segmenter",
+    "label_volumes",
     "segment",
     "collect_inputs",
     "segmentation_volume_ml",
@@ -176,6 +177,16 @@ def _publish(src: Path, dst: Path) -> Path:
     return dst
 
 
+def label_volumes(labels: np.ndarray, affine: np.ndarray, label_names: Dict[int, str]) -> Dict[str, Dict[str, Any]]:
+    """Per label name: its value, voxel count and volume in mL (from the affine's voxel size)."""
+    voxel_ml = abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
+    counts = {v: int((labels == v).sum()) for v in label_names}
+    return {
+        name: {"value": v, "voxels": counts[v], "volume_ml": round(counts[v] * voxel_ml, 3)}
+        for v, name in label_names.items()
+    }
+
+
 class Segmenter:
     """A bundle loaded once for many scans (``segment`` and the DICOM node use one).
 
@@ -295,6 +306,11 @@ class Segmenter:
     def __del__(self) -> None:
         self.close()
 
+    def volume_reasons(self, labels: Dict[str, Dict[str, Any]]) -> List[str]:
+        """The quality checks' reasons about a label map's volumes (:func:`label_volumes`'s record) against the
+        training labels' (:func:`medssl.clinic.quality.volume_reasons`)."""
+        return volume_reasons({name: e["volume_ml"] for name, e in labels.items()}, self.volume_record)
+
     def infer(self, nifti: Path) -> Path:
         """Run the bundle on one NIfTI file; returns the label map it wrote (in the file's shape and affine)."""
         from monai.data import DataLoader, Dataset
@@ -410,14 +426,8 @@ class Segmenter:
             }  # fmt: skip
             # every output is made in the scan's work folder first and published only when all of them exist
             made: Dict[str, Path] = {}
-            voxel_ml = abs(float(np.linalg.det(labels_img.affine[:3, :3]))) / 1000.0
-            counts = {v: int((labels == v).sum()) for v in self.label_names}
-            record["labels"] = {
-                name: {"value": v, "voxels": counts[v], "volume_ml": round(counts[v] * voxel_ml, 3)}
-                for v, name in self.label_names.items()
-            }
-            volumes = {name: entry["volume_ml"] for name, entry in record["labels"].items()}
-            quality.add(volume_reasons(volumes, self.volume_record))
+            record["labels"] = label_volumes(labels, labels_img.affine, self.label_names)
+            quality.add(self.volume_reasons(record["labels"]))
             record["quality"] = quality.as_dict()
             if volume is not None and output_type in ("dicom_seg", "both"):
                 made["dicom_seg"] = write_seg(
