@@ -60,3 +60,26 @@ def test_quality_verdict_description_and_the_table_warning(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[-3:] == ["warning: brain.nii.gz: BodyPartExamined is 'HEAD', not ...",
                           "warning: brain.nii.gz: no left atrium found", "1 segmented, 0 failed"]  # fmt: skip
+
+
+def test_training_label_volumes_by_hand(tmp_path):
+    import nibabel as nib
+    import numpy as np
+
+    from medssl.clinic.quality import training_label_volumes
+    from medssl.data import DataError
+
+    files = []
+    for i, (n1, n2) in enumerate(((8, 0), (27, 4), (64, 2))):
+        data = np.zeros((10, 10, 10), np.uint8)
+        data.flat[:n1] = 1
+        data.flat[n1 : n1 + n2] = 2
+        path = tmp_path / f"l{i}.nii.gz"
+        nib.save(nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.5, 1.0])), path)  # 10 mm^3 voxels = 0.01 mL
+        files.append(path)
+    record = training_label_volumes(files, {1: "a", 2: "b"})
+    assert record == {"a": {"min": 0.08, "median": 0.27, "max": 0.64, "cases": 3},
+                      "b": {"min": 0.0, "median": 0.02, "max": 0.04, "cases": 3}}  # fmt: skip
+    (tmp_path / "bad.nii.gz").write_bytes(b"not nifti")
+    with pytest.raises(DataError, match=r"bad\.nii\.gz: cannot read the label map"):
+        training_label_volumes([tmp_path / "bad.nii.gz"], {1: "a"})

@@ -20,7 +20,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
-__all__ = ["REGION_OF_CODE", "BODY_PARTS", "Quality", "bundle_body_parts", "body_part_reason", "volume_reasons"]
+__all__ = [
+    "REGION_OF_CODE",
+    "BODY_PARTS",
+    "Quality",
+    "bundle_body_parts",
+    "body_part_reason",
+    "volume_reasons",
+    "training_label_volumes",
+]
 
 # DICOM BodyPartExamined terms (PS3.16 Annex L, as scanners write them) accepted for each region
 BODY_PARTS: Dict[str, frozenset] = {
@@ -124,3 +132,34 @@ def volume_reasons(volumes_ml: Mapping[str, float], record: Optional[Mapping[str
             )
             reasons.append((reason, f"{name} {ml:.1f} mL"))
     return reasons
+
+
+def training_label_volumes(label_files: Iterable[Any], names: Mapping[int, str]) -> Dict[str, Dict[str, float]]:
+    """``training_label_volumes_ml`` for a release's metadata: per label name the ``min`` / ``max`` / ``median``
+    volume in mL (voxel volume from each file's affine) over the training label maps, and their number ``cases``.
+
+    Raises:
+        medssl.data.DataError: a label file that cannot be read (the message names it).
+    """
+    import nibabel as nib
+    import numpy as np
+
+    from medssl.data import DataError
+
+    volumes: Dict[int, List[float]] = {v: [] for v in names}
+    for path in label_files:
+        try:
+            img = nib.load(str(path))
+            data = np.asarray(img.dataobj)
+        except Exception as e:  # noqa: BLE001 - any unreadable file is named
+            raise DataError(f"{path}: cannot read the label map ({type(e).__name__}: {e}).") from e
+        voxel_ml = abs(float(np.linalg.det(img.affine[:3, :3]))) / 1000.0
+        for v in names:
+            volumes[v].append(float((data == v).sum()) * voxel_ml)
+    return {
+        names[v]: {
+            "min": round(min(vals), 3), "median": round(float(np.median(vals)), 3), "max": round(max(vals), 3),
+            "cases": len(vals),
+        }
+        for v, vals in volumes.items() if vals
+    }  # fmt: skip
