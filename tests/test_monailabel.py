@@ -120,6 +120,20 @@ def _request(url, method="GET", body=None, timeout=600):
         return r.read(), r.headers
 
 
+def _multipart(body: bytes, content_type: str) -> dict:
+    """The parts of a multipart answer (MONAI Label's ``output=all``): {file name or field name: bytes}."""
+    import email
+    import email.policy
+
+    message = email.message_from_bytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode() + body, policy=email.policy.HTTP
+    )  # fmt: skip
+    return {
+        part.get_filename() or part.get_param("name", header="content-disposition"): part.get_payload(decode=True)
+        for part in message.iter_parts()
+    }
+
+
 def _call(url, method="POST", files=None, form=None, timeout=600):
     """One HTTP request, multipart when ``files`` (``{field: (filename, bytes)}``) or ``form`` are given; returns
     ``(status, body, headers)`` for any status."""
@@ -219,6 +233,41 @@ def test_monailabel_serves_the_released_weights_on_a_scanner_units_scan(la_dir, 
     dice = 2 * (a & b).sum() / (a.sum() + b.sum())
     assert dice > 0.88, dice  # the release trained on this case: weights, pull and geometry fit together
     assert (app / "model" / "la_seg_finetune" / ".medssl_pull.json").is_file()
+
+
+@needs_label_env
+def test_monailabel_serves_the_acdc_release_with_its_three_structures(acdc_dir, tmp_path):
+    """The README's `--conf models acdc_seg_finetune`: pulled from the checkout's index (no bundle_index given), served
+    with its three named labels, and its auto-segmentation of an ACDC validation frame is the release's: each
+    structure's Dice against the reference within 0.01 of the release's recorded evaluation of that frame."""
+    frame = "patient028_frame01"
+    studies = tmp_path / "studies"
+    studies.mkdir()
+    shutil.copy(acdc_dir / "imagesTr" / f"{frame}.nii.gz", studies / f"{frame}.nii.gz")
+    app = tmp_path / "app"
+    shutil.copytree(REPO / "apps" / "monailabel", app, ignore=shutil.ignore_patterns("model", "__pycache__"))
+    server, base, log, info = _start_server(app, studies, tmp_path, "models", "acdc_seg_finetune")
+    try:
+        assert list(info["models"]) == ["acdc_seg_finetune"]
+        labels = info["models"]["acdc_seg_finetune"]["labels"]
+        assert labels == {"right ventricle": 1, "myocardium": 2, "left ventricle": 3}
+        body, headers = _request(f"{base}/infer/acdc_seg_finetune?image={frame}&output=all", method="POST")
+    finally:
+        _stop_server(server, log)
+    parts = _multipart(body, headers["Content-Type"])
+    params = json.loads(next(v for k, v in parts.items() if k.endswith(".json") or k == "params"))
+    # the volume checks ride along with the label map: every structure measured, within the training labels' range
+    assert set(params["labels"]) == set(labels) and params["quality"]["verdict"] == "ok", params["quality"]
+    for name, entry in params["labels"].items():
+        assert entry["volume_ml"] > 0, name
+    (tmp_path / "pred.nii.gz").write_bytes(next(v for k, v in parts.items() if k.endswith(".nii.gz")))
+    pred = np.asarray(nib.load(tmp_path / "pred.nii.gz").dataobj)
+    label = np.asarray(nib.load(acdc_dir / "labelsTr" / f"{frame}.nii.gz").dataobj)
+    run = json.loads((REPO / "benchmarks" / "results" / "acdc_release_cpu" / "results.json").read_text())["runs"][0]
+    recorded = next(c for c in run["cases"] if c["case"] == frame)
+    for value, name in enumerate(labels, start=1):
+        dice = 2 * ((pred == value) & (label == value)).sum() / ((pred == value).sum() + (label == value).sum())
+        assert dice == pytest.approx(recorded[f"dice_lcc_{name.replace(' ', '_')}"], abs=0.01), name
 
 
 @needs_label_env

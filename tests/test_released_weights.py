@@ -37,8 +37,9 @@ def pulled(module_tmp):
 def test_committed_release_bytes_within_limits():
     sizes = {key: (REPO / INDEX[key]["source"]).stat().st_size for key in RELEASES}
     assert all(s <= 25 * MB for s in sizes.values()), sizes  # model-zoo's limit for a file in its repository
-    assert sum(sizes.values()) <= 40 * MB, sizes  # the device tool sends the whole tree (64 MiB)
-    assert {"la_seg_finetune"} <= {_name(k) for k in RELEASES}
+    # the device tool sends the whole tree (64 MiB = 67.1 MB): three releases of about 17 MB leave 15 MB for the rest
+    assert sum(sizes.values()) <= 53 * MB, sizes
+    assert {"la_seg_finetune", "acdc_seg_finetune"} <= {_name(k) for k in RELEASES}
 
 
 @pytest.mark.parametrize("key", RELEASES)
