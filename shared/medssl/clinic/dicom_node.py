@@ -41,12 +41,13 @@ request gets 0xA900, a disk error gets 0xA700 (not acknowledged: the series is t
 its release nor its quiet period completes it, until the sender sends into it again without a refusal; a series that
 cannot be processed for want of space goes back to ``incoming/`` and is tried again after the quiet period).
 
-Options (defaults): ``--workdir dicom_node``, ``--ae_title MEDSSL``, ``--host 127.0.0.1`` (loopback only: this node
-speaks plain DICOM unless given ``--tls_cert`` / ``--tls_key`` [``--tls_ca`` for mutual TLS] (:mod:`medssl.clinic.dicom_tls`);
-``--host 0.0.0.0`` listens on every interface), ``--allow AE@HOST,...`` /
-``--allow_file FILE`` (the callers let in, others rejected at A-ASSOCIATE: :mod:`medssl.clinic.dicom_allow`; default
-the destination's AE title from its host, plus loopback), ``--keep_days N`` / ``--max_done_gb X`` (what leaves ``done/``,
-oldest first, never a series whose SEG was not yet sent: :mod:`medssl.clinic.retention`; default keep everything),
+Options (defaults): ``--workdir dicom_node``, ``--ae_title MEDSSL``, ``--host 127.0.0.1`` (loopback only;
+``--host 0.0.0.0`` listens on every interface), ``--allow AE@HOST,...`` / ``--allow_file FILE`` (the callers let in,
+others rejected at A-ASSOCIATE: :mod:`medssl.clinic.dicom_allow`; default the destination's AE title from its host, plus
+loopback), ``--tls_cert`` / ``--tls_key`` [``--tls_ca`` for mutual TLS, ``--tls_check_hostname true``] (DICOM TLS for
+the SCP and the sends: :mod:`medssl.clinic.dicom_tls`; default plain DICOM), ``--keep_days N`` / ``--max_done_gb X``
+(what leaves ``done/``, oldest first, never a series whose SEG was not yet sent: :mod:`medssl.clinic.retention`;
+default keep everything),
 ``--port 11112``, ``--destination AET@HOST:PORT`` (none: SEGs stay in ``done/``), ``--quiet_seconds 10``,
 ``--max_queue 16``, ``--send_retries 3`` (attempts per SEG, 2 s then 4 s... apart), ``--bundle la_seg_finetune``,
 ``--index``, ``--bundle_dir``, ``--device`` (default: the GPU if there is one), ``--largest_component true``.
